@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m uvicorn main:app --host $(HOST) --port $(PORT)
+	$(PY) -m uvicorn main:app --host $(HOST) --port $(PORT) --no-access-log
 
 check: $(VENV)/.installed
 	$(PY) -m ruff format --check .

@@ -1,0 +1,547 @@
+"""The only module with SQL: a thin synchronous sqlite3 layer, its migrations and one function
+per query. Async code calls it through `anyio.to_thread.run_sync`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import JsonValue
+
+from schemas import Chat, Message
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register a schema change; they run once each, in the order they are defined, each in
+    its own transaction (so statement by statement: `executescript` would commit midway)."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite3.Connection) -> None:
+    """Chats, one row per message (ordered by position within a chat), idempotency keys."""
+    for statement in (
+        """
+        CREATE TABLE chats (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        title TEXT,
+        system_prompt TEXT,
+        model TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        chat_id TEXT NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL CHECK (status IN
+        ('in_progress', 'completed', 'incomplete', 'failed', 'cancelled')),
+        created_at TEXT NOT NULL,
+        completed_at TEXT,
+        model TEXT,
+        finish_reason TEXT,
+        usage TEXT,
+        tool_calls TEXT NOT NULL DEFAULT '[]',
+        error TEXT,
+        last_event_id INTEGER,
+        UNIQUE (chat_id, position)
+        )
+        """,
+        """
+        -- At most one reply in progress per chat, enforced by the database itself.
+        CREATE UNIQUE INDEX messages_one_in_progress ON messages (chat_id)
+        WHERE status = 'in_progress'
+        """,
+        """
+        CREATE TABLE idempotency_keys (
+        chat_id TEXT NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        content_sha256 TEXT NOT NULL,
+        user_message_id TEXT NOT NULL,
+        assistant_message_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (chat_id, key)
+        )
+        """,
+    ):
+        db.execute(statement)
+
+
+@migration
+def m002_message_search(db: sqlite3.Connection) -> None:
+    """Full-text search over finished messages (a reply is indexed once it stops changing)."""
+    for statement in (
+        """
+        CREATE VIRTUAL TABLE messages_fts USING fts5(
+        content, content='messages', content_rowid='seq',
+        tokenize='unicode61 remove_diacritics 2'
+        )
+        """,
+        """
+        CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages
+        WHEN new.status != 'in_progress' BEGIN
+        INSERT INTO messages_fts (rowid, content) VALUES (new.seq, new.content);
+        END
+        """,
+        """
+        CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages
+        WHEN old.status != 'in_progress' BEGIN
+        INSERT INTO messages_fts (messages_fts, rowid, content)
+        VALUES ('delete', old.seq, old.content);
+        END
+        """,
+        """
+        CREATE TRIGGER messages_fts_update_old AFTER UPDATE ON messages
+        WHEN old.status != 'in_progress' BEGIN
+        INSERT INTO messages_fts (messages_fts, rowid, content)
+        VALUES ('delete', old.seq, old.content);
+        END
+        """,
+        """
+        CREATE TRIGGER messages_fts_update_new AFTER UPDATE ON messages
+        WHEN new.status != 'in_progress' BEGIN
+        INSERT INTO messages_fts (rowid, content) VALUES (new.seq, new.content);
+        END
+        """,
+    ):
+        db.execute(statement)
+
+
+class NotFoundError(LookupError):
+    """A row named by the caller (a chat, or a pagination cursor) does not exist."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """The user message and the reply were stored; the reply must now be generated."""
+
+    user_message: Message
+    reply: Message
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The same Idempotency-Key was sent before: nothing new was stored."""
+
+    user_message: Message
+    reply: Message
+
+
+@dataclass(frozen=True)
+class Busy:
+    """The chat already has a reply in progress."""
+
+    reply_id: str
+
+
+@dataclass(frozen=True)
+class KeyReused:
+    """The Idempotency-Key was used before with different content."""
+
+
+@dataclass(frozen=True)
+class ChatFull:
+    """The chat holds as many messages as the server allows."""
+
+    limit: int
+
+
+SendOutcome = Started | Replayed | Busy | KeyReused | ChatFull
+
+
+def now() -> str:
+    """The current time as stored: ISO 8601, UTC, microseconds (so text order is time order)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+CHAT_COLUMNS = "id, title, system_prompt, model, created_at, updated_at"
+MESSAGE_COLUMNS = (
+    "id, chat_id, role, content, status, created_at, completed_at, model, finish_reason,"
+    " usage, tool_calls, error"
+)
+
+
+def _chat(row: sqlite3.Row) -> Chat:
+    return Chat.model_validate(dict(row))
+
+
+def _message(row: sqlite3.Row | dict[str, Any]) -> Message:
+    fields = dict(row)
+    for key in ("usage", "error"):
+        if fields[key] is not None:
+            fields[key] = json.loads(fields[key])
+    fields["tool_calls"] = json.loads(fields["tool_calls"])
+    return Message.model_validate(fields)
+
+
+class Database:
+    """A SQLite file: one connection per thread, writes serialized with BEGIN IMMEDIATE."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (anyio reuses worker threads, so each keeps its own)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: autocommit; transactions are explicit BEGIN IMMEDIATE.
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode survives a process crash; only a power cut can lose the tail.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; BEGIN IMMEDIATE takes the write lock up front, so a transaction
+        that reads first cannot fail later with 'database is locked'."""
+        conn = self.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations not yet recorded; returns the names applied."""
+        conn = self.connection()
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
+        )
+        applied: list[str] = []
+        for fn in MIGRATIONS:
+            with self.transaction() as tx:
+                done = tx.execute("SELECT 1 FROM _migrations WHERE name = ?", (fn.__name__,))
+                if done.fetchone():
+                    continue
+                fn(tx)
+                tx.execute(
+                    "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                    (fn.__name__, now()),
+                )
+                applied.append(fn.__name__)
+        return applied
+
+    def ping(self) -> bool:
+        """The database answers a query."""
+        row = self.connection().execute("SELECT 1").fetchone()
+        return row is not None and row[0] == 1
+
+    # Chats
+
+    def create_chat(
+        self, chat_id: str, title: str | None, system_prompt: str | None, model: str
+    ) -> Chat:
+        """Store a new chat."""
+        stamp = now()
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO chats (id, title, system_prompt, model, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (chat_id, title, system_prompt, model, stamp, stamp),
+            )
+            row = tx.execute(f"SELECT {CHAT_COLUMNS} FROM chats WHERE id = ?", (chat_id,))
+            return _chat(row.fetchone())
+
+    def get_chat(self, chat_id: str) -> Chat | None:
+        """One chat, or None."""
+        row = (
+            self.connection()
+            .execute(f"SELECT {CHAT_COLUMNS} FROM chats WHERE id = ?", (chat_id,))
+            .fetchone()
+        )
+        return None if row is None else _chat(row)
+
+    def list_chats(self, limit: int, after: str | None) -> tuple[list[Chat], bool]:
+        """A page of chats, newest created first, starting after the chat `after`."""
+        conn = self.connection()
+        start = None
+        if after is not None:
+            found = conn.execute("SELECT seq FROM chats WHERE id = ?", (after,)).fetchone()
+            if found is None:
+                raise NotFoundError(f"No chat {after!r} to page after.")
+            start = found[0]
+        rows = conn.execute(
+            f"SELECT {CHAT_COLUMNS} FROM chats WHERE (:start IS NULL OR seq < :start)"
+            " ORDER BY seq DESC LIMIT :n",
+            {"start": start, "n": limit + 1},
+        ).fetchall()
+        return [_chat(r) for r in rows[:limit]], len(rows) > limit
+
+    def update_chat(self, chat_id: str, changes: dict[str, str | None]) -> Chat | None:
+        """Change some of a chat's `title` and `system_prompt`; None if there is no such chat."""
+        allowed = {"title", "system_prompt"}
+        if not set(changes) <= allowed:
+            raise ValueError(f"Only {sorted(allowed)} can change.")
+        with self.transaction() as tx:
+            for column, value in changes.items():
+                # Column names come from the fixed set above, never from the request.
+                tx.execute(f"UPDATE chats SET {column} = ? WHERE id = ?", (value, chat_id))
+            tx.execute("UPDATE chats SET updated_at = ? WHERE id = ?", (now(), chat_id))
+            row = tx.execute(f"SELECT {CHAT_COLUMNS} FROM chats WHERE id = ?", (chat_id,))
+            found = row.fetchone()
+            return None if found is None else _chat(found)
+
+    def delete_chat(self, chat_id: str) -> bool:
+        """Delete a chat and, by cascade, its messages; False if there was none."""
+        with self.transaction() as tx:
+            return tx.execute("DELETE FROM chats WHERE id = ?", (chat_id,)).rowcount > 0
+
+    # Messages
+
+    def start_exchange(
+        self,
+        *,
+        chat_id: str,
+        user_message_id: str,
+        reply_id: str,
+        content: str,
+        model: str,
+        idempotency_key: str | None,
+        max_messages: int,
+    ) -> SendOutcome | None:
+        """Atomically store a user message and its `in_progress` reply, unless the chat is gone
+        (None), busy, full, or the idempotency key was seen before."""
+        digest = hashlib.sha256(content.encode()).hexdigest()
+        with self.transaction() as tx:
+            if tx.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
+                return None
+            if idempotency_key is not None:
+                seen = tx.execute(
+                    "SELECT content_sha256, user_message_id, assistant_message_id"
+                    " FROM idempotency_keys WHERE chat_id = ? AND key = ?",
+                    (chat_id, idempotency_key),
+                ).fetchone()
+                if seen is not None:
+                    if seen["content_sha256"] != digest:
+                        return KeyReused()
+                    user = self._message_by_id(tx, seen["user_message_id"])
+                    reply = self._message_by_id(tx, seen["assistant_message_id"])
+                    if user is not None and reply is not None:
+                        return Replayed(user, reply)
+            busy = tx.execute(
+                "SELECT id FROM messages WHERE chat_id = ? AND status = 'in_progress'",
+                (chat_id,),
+            ).fetchone()
+            if busy is not None:
+                return Busy(busy["id"])
+            count, last = tx.execute(
+                "SELECT count(*), max(position) FROM messages WHERE chat_id = ?", (chat_id,)
+            ).fetchone()
+            if count + 2 > max_messages:
+                return ChatFull(max_messages)
+            position = -1 if last is None else last
+            stamp = now()
+            tx.execute(
+                "INSERT INTO messages (id, chat_id, position, role, content, status, created_at,"
+                " completed_at) VALUES (?, ?, ?, 'user', ?, 'completed', ?, ?)",
+                (user_message_id, chat_id, position + 1, content, stamp, stamp),
+            )
+            tx.execute(
+                "INSERT INTO messages (id, chat_id, position, role, status, created_at, model)"
+                " VALUES (?, ?, ?, 'assistant', 'in_progress', ?, ?)",
+                (reply_id, chat_id, position + 2, stamp, model),
+            )
+            if idempotency_key is not None:
+                tx.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys (chat_id, key, content_sha256,"
+                    " user_message_id, assistant_message_id, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (chat_id, idempotency_key, digest, user_message_id, reply_id, stamp),
+                )
+            tx.execute("UPDATE chats SET updated_at = ? WHERE id = ?", (stamp, chat_id))
+            user = self._message_by_id(tx, user_message_id)
+            reply = self._message_by_id(tx, reply_id)
+            assert user is not None and reply is not None
+            return Started(user, reply)
+
+    @staticmethod
+    def _message_by_id(conn: sqlite3.Connection, message_id: str) -> Message | None:
+        row = conn.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        return None if row is None else _message(row)
+
+    def get_message(self, chat_id: str, message_id: str) -> Message | None:
+        """One message of that chat, or None (a message of another chat is None too)."""
+        row = (
+            self.connection()
+            .execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ? AND chat_id = ?",
+                (message_id, chat_id),
+            )
+            .fetchone()
+        )
+        return None if row is None else _message(row)
+
+    def get_reply_state(self, chat_id: str, message_id: str) -> tuple[Message, int | None] | None:
+        """A message and the id of its stream's last event (None while in progress)."""
+        conn = self.connection()
+        row = conn.execute(
+            f"SELECT {MESSAGE_COLUMNS}, last_event_id FROM messages WHERE id = ? AND chat_id = ?",
+            (message_id, chat_id),
+        ).fetchone()
+        if row is None:
+            return None
+        last_event_id: int | None = row["last_event_id"]
+        fields = {k: row[k] for k in row.keys() if k != "last_event_id"}
+        return _message(fields), last_event_id
+
+    def list_messages(
+        self, chat_id: str, limit: int, after: str | None
+    ) -> tuple[list[Message], bool]:
+        """A page of the chat's history, oldest first, starting after the message `after`."""
+        conn = self.connection()
+        start = -1
+        if after is not None:
+            found = conn.execute(
+                "SELECT position FROM messages WHERE id = ? AND chat_id = ?", (after, chat_id)
+            ).fetchone()
+            if found is None:
+                raise NotFoundError(f"No message {after!r} in this chat to page after.")
+            start = found[0]
+        rows = conn.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND position > ?"
+            " ORDER BY position LIMIT ?",
+            (chat_id, start, limit + 1),
+        ).fetchall()
+        return [_message(r) for r in rows[:limit]], len(rows) > limit
+
+    def history(self, chat_id: str, before_message_id: str) -> list[Message]:
+        """Every message of the chat before the given one, oldest first (the prompt's history)."""
+        rows = (
+            self.connection()
+            .execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND position <"
+                " (SELECT position FROM messages WHERE id = ?) ORDER BY position",
+                (chat_id, before_message_id),
+            )
+            .fetchall()
+        )
+        return [_message(r) for r in rows]
+
+    def checkpoint_reply(
+        self, message_id: str, content: str, tool_calls: list[dict[str, JsonValue]], event_id: int
+    ) -> None:
+        """Save a reply's text so far (it stays `in_progress`)."""
+        with self.transaction() as tx:
+            tx.execute(
+                "UPDATE messages SET content = ?, tool_calls = ?, last_event_id = ?"
+                " WHERE id = ? AND status = 'in_progress'",
+                (content, json.dumps(tool_calls, ensure_ascii=False), event_id, message_id),
+            )
+
+    def finish_reply(
+        self,
+        message_id: str,
+        *,
+        status: str,
+        content: str,
+        finish_reason: str | None,
+        usage: dict[str, int] | None,
+        tool_calls: list[dict[str, JsonValue]],
+        error: dict[str, str] | None,
+        last_event_id: int,
+    ) -> Message | None:
+        """Store a reply's final state; None if it is gone (its chat was deleted)."""
+        with self.transaction() as tx:
+            tx.execute(
+                "UPDATE messages SET status = ?, content = ?, finish_reason = ?, usage = ?,"
+                " tool_calls = ?, error = ?, completed_at = ?, last_event_id = ? WHERE id = ?",
+                (
+                    status,
+                    content,
+                    finish_reason,
+                    _dump(usage),
+                    json.dumps(tool_calls, ensure_ascii=False),
+                    _dump(error),
+                    now(),
+                    last_event_id,
+                    message_id,
+                ),
+            )
+            return self._message_by_id(tx, message_id)
+
+    def recover_interrupted(self) -> int:
+        """At start-up: replies left `in_progress` by a process that died become `incomplete`,
+        keeping their checkpointed text. Returns how many there were."""
+        error = {"code": "server_restarted", "message": "The server stopped while writing this."}
+        with self.transaction() as tx:
+            return tx.execute(
+                "UPDATE messages SET status = 'incomplete', error = ?, completed_at = ?,"
+                " last_event_id = coalesce(last_event_id, 1) + 1 WHERE status = 'in_progress'",
+                (json.dumps(error), now()),
+            ).rowcount
+
+    def search_messages(
+        self, chat_id: str, query: str, limit: int, exclude_id: str | None = None
+    ) -> list[dict[str, JsonValue]]:
+        """Full-text search over one chat's finished messages, best match first."""
+        # Each word becomes a quoted FTS5 string, so the user's text is never FTS5 syntax.
+        terms = " OR ".join('"' + word.replace('"', '""') + '"' for word in query.split())
+        if not terms:
+            return []
+        rows = (
+            self.connection()
+            .execute(
+                "SELECT m.id, m.role, m.created_at,"
+                " snippet(messages_fts, 0, '**', '**', '…', 24) AS snippet"
+                " FROM messages_fts JOIN messages m ON m.seq = messages_fts.rowid"
+                " WHERE messages_fts MATCH ? AND m.chat_id = ? AND m.id != ?"
+                " ORDER BY bm25(messages_fts) LIMIT ?",
+                (terms, chat_id, exclude_id or "", limit),
+            )
+            .fetchall()
+        )
+        return [
+            {
+                "message_id": r["id"],
+                "role": r["role"],
+                "created_at": r["created_at"],
+                "snippet": r["snippet"],
+            }
+            for r in rows
+        ]

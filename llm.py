@@ -1,0 +1,437 @@
+"""The only module that talks to the model: prompt building, streaming, tool-call accumulation,
+and errors of ours with stable codes. Also a CLI: `python llm.py "hey who are you?"`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import openai
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from pydantic import JsonValue
+
+from schemas import Message, ToolCallRecord, Usage
+
+DEFAULT_SYSTEM_PROMPT = """\
+You are a helpful, knowledgeable assistant inside a chat app. Be accurate, direct and warm. \
+Answer the question that was asked; when a request is ambiguous, say what you assume. \
+When you are not sure of a fact, say so rather than guess."""
+
+FORMAT_GUIDANCE = """\
+Format answers in Markdown: short paragraphs, lists for steps or options, `code` and fenced \
+code blocks (with the language) for code, tables only for tabular data. Keep simple answers \
+short; no preamble, no repeating the question."""
+
+TOOLS_GUIDANCE = """\
+You can call tools; prefer them over guessing:
+- calculate: for any arithmetic beyond the trivial; exact with decimals and big integers.
+- get_current_time: whenever the answer depends on today's date or the time somewhere.
+- search_chat_history: to recall something said earlier in this chat that you no longer see.
+- set_chat_title: once the topic of the chat is clear, give it a short title (max 6 words), \
+and again if the topic changes completely.
+When a tool returns an error, read it, fix the arguments and try again, or explain the \
+problem. Never invent a tool's result."""
+
+TRIMMED_NOTE = """\
+The {count} oldest messages of this chat are not shown to you, to fit your context window. \
+If the user refers to something you cannot see, call search_chat_history to find it."""
+
+TITLE_PROMPT = """\
+Write a title of at most 6 words for a chat that starts with the exchange below. \
+Reply with the title alone: no quotes, no trailing period."""
+
+
+class LLMError(Exception):
+    """A failure of the model's provider, with a stable `code` for clients."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class AccumulatedCall:
+    """A tool call whose pieces arrived over several chunks."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class TextDelta:
+    """A piece of the model's text."""
+
+    text: str
+
+
+@dataclass
+class TurnEnd:
+    """The model's turn ended: why, which tools it asked for, and what it cost."""
+
+    finish_reason: str
+    tool_calls: list[AccumulatedCall]
+    usage: Usage | None
+
+
+@dataclass
+class ToolCallAccumulator:
+    """Joins tool-call deltas by `index`: the first fragment of a call carries its id and
+    name, later ones only argument text. Some compatible servers omit `index`; then a fragment
+    with an id starts a new call and one without continues the last."""
+
+    calls: dict[int, AccumulatedCall] = field(default_factory=dict)
+
+    def add(self, deltas: Iterable[Any]) -> None:
+        """Fold one chunk's `delta.tool_calls` in."""
+        for delta in deltas:
+            index = getattr(delta, "index", None)
+            call_id = getattr(delta, "id", None)
+            function = getattr(delta, "function", None)
+            if index is None:
+                index = len(self.calls) if call_id or not self.calls else max(self.calls)
+            call = self.calls.get(index)
+            if call is None:
+                call = self.calls[index] = AccumulatedCall(id=call_id or f"call_{index}", name="")
+            elif call_id:
+                call.id = call_id
+            if function is not None:
+                if function.name:
+                    call.name += function.name
+                if function.arguments:
+                    call.arguments += function.arguments
+
+    def finish(self) -> list[AccumulatedCall]:
+        """The calls in index order."""
+        return [self.calls[i] for i in sorted(self.calls)]
+
+
+def make_client(
+    *, api_key: str | None, base_url: str | None, timeout: float, max_retries: int
+) -> AsyncOpenAI:
+    """The one client of the process: it keeps a connection pool."""
+    # Local servers (Ollama, llama.cpp, vLLM) take any key; the SDK insists on one.
+    return AsyncOpenAI(
+        api_key=api_key or "not-needed", base_url=base_url, timeout=timeout, max_retries=max_retries
+    )
+
+
+def estimate_tokens(text: str) -> int:
+    """A network-free estimate: about four characters per token for English text, plus the
+    few tokens every message costs. Errs high for code and low for some scripts."""
+    return math.ceil(len(text) / 4) + 4
+
+
+def tool_result_content(result: JsonValue, error: str | None) -> str:
+    """What the model reads as a tool's answer (`role: tool`)."""
+    if error is not None:
+        return json.dumps({"error": error}, ensure_ascii=False)
+    return json.dumps({"result": result}, ensure_ascii=False)
+
+
+def system_message(
+    chat_prompt: str | None, default_prompt: str | None, *, tools: bool, trimmed: int = 0
+) -> str:
+    """The first message: who the assistant is (the chat's own prompt, else the server's),
+    then the service's guidance on formatting, tools and what was left out."""
+    parts = [chat_prompt or default_prompt or DEFAULT_SYSTEM_PROMPT, FORMAT_GUIDANCE]
+    if tools:
+        parts.append(TOOLS_GUIDANCE)
+    if trimmed:
+        parts.append(TRIMMED_NOTE.format(count=trimmed))
+    return "\n\n".join(parts)
+
+
+def replay(message: Message) -> list[ChatCompletionMessageParam]:
+    """A stored message as the model saw it: text and tool rounds in the order written."""
+    if message.role == "user":
+        return [{"role": "user", "content": message.content}]
+    out: list[ChatCompletionMessageParam] = []
+    text = message.content
+    position = 0
+    rounds: dict[int, list[ToolCallRecord]] = {}
+    for call in message.tool_calls:
+        rounds.setdefault(min(max(call.text_offset, 0), len(text)), []).append(call)
+    for offset, calls in sorted(rounds.items()):
+        before = text[position:offset]
+        out.append(
+            {
+                "role": "assistant",
+                "content": before or None,
+                "tool_calls": [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {
+                            "name": c.name,
+                            "arguments": c.arguments
+                            if isinstance(c.arguments, str)
+                            else json.dumps(c.arguments, ensure_ascii=False),
+                        },
+                    }
+                    for c in calls
+                ],
+            }
+        )
+        out.extend(
+            {
+                "role": "tool",
+                "tool_call_id": c.id,
+                "content": tool_result_content(c.result, c.error),
+            }
+            for c in calls
+        )
+        position = offset
+    rest = text[position:]
+    if rest or not out:
+        out.append({"role": "assistant", "content": rest})
+    return out
+
+
+def _message_tokens(message: ChatCompletionMessageParam) -> int:
+    return estimate_tokens(json.dumps(message, ensure_ascii=False))
+
+
+def build_prompt(
+    *,
+    chat_prompt: str | None,
+    default_prompt: str | None,
+    history: Sequence[Message],
+    max_context_tokens: int,
+    tools: Sequence[dict[str, Any]] = (),
+    reserve_tokens: int = 1024,
+) -> list[ChatCompletionMessageParam]:
+    """System message, then as much of the history as fits the budget, newest kept; the last
+    history message is the new user message and is always kept. Whole turns are left out
+    (a user message with its replies), so the model never sees an answer without its question."""
+    turns: list[list[ChatCompletionMessageParam]] = []
+    for message in history:
+        if message.role == "assistant" and not message.content and not message.tool_calls:
+            continue  # a reply that failed before writing anything tells the model nothing
+        if message.role == "user" or not turns:
+            turns.append([])
+        turns[-1].extend(replay(message))
+    budget = max_context_tokens - reserve_tokens - estimate_tokens(json.dumps(list(tools)))
+    budget -= estimate_tokens(system_message(chat_prompt, default_prompt, tools=bool(tools)))
+    budget -= estimate_tokens(TRIMMED_NOTE)
+    kept: list[list[ChatCompletionMessageParam]] = []
+    for index, turn in enumerate(reversed(turns)):
+        cost = sum(_message_tokens(m) for m in turn)
+        if index > 0 and cost > budget:
+            break
+        kept.append(turn)
+        budget -= cost
+    trimmed = sum(len(t) for t in turns[: len(turns) - len(kept)])
+    system: ChatCompletionMessageParam = {
+        "role": "system",
+        "content": system_message(chat_prompt, default_prompt, tools=bool(tools), trimmed=trimmed),
+    }
+    return [system, *(m for turn in reversed(kept) for m in turn)]
+
+
+def _scrub(text: str, client: AsyncOpenAI) -> str:
+    """Provider errors can quote the API key; ours must not."""
+    key = client.api_key
+    return text.replace(key, "***") if key and len(key) > 8 else text
+
+
+def translate_error(error: BaseException, client: AsyncOpenAI) -> LLMError:
+    """The SDK's exceptions as our one error type (timeout first: it is a connection error)."""
+    if isinstance(error, LLMError):
+        return error
+    if isinstance(error, openai.APITimeoutError | TimeoutError):
+        return LLMError("timeout", "The model's provider did not answer in time.")
+    if isinstance(error, openai.APIConnectionError):
+        return LLMError("connection_error", "Could not reach the model's provider.")
+    if isinstance(error, openai.RateLimitError):
+        retry = error.response.headers.get("retry-after")
+        hint = f" Retry after {retry} s." if retry else ""
+        return LLMError("rate_limited", f"The model's provider is rate limiting us.{hint}")
+    if isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError):
+        return LLMError("auth_failed", "The model's provider refused our credentials.")
+    if isinstance(error, openai.APIStatusError):
+        detail = _scrub(str(error.message), client)
+        return LLMError(
+            "provider_error", f"The model's provider answered {error.status_code}: {detail}"
+        )
+    if isinstance(error, openai.APIError):
+        detail = _scrub(str(error.message), client)
+        return LLMError("provider_error", f"The model's provider reported an error: {detail}")
+    return LLMError(
+        "provider_error", f"Unexpected error talking to the model: {type(error).__name__}"
+    )
+
+
+async def stream_turn(
+    client: AsyncOpenAI,
+    *,
+    model: str,
+    messages: Sequence[ChatCompletionMessageParam],
+    tools: Sequence[dict[str, Any]] = (),
+    max_tokens: int | None = None,
+    idle_timeout: float = 60.0,
+) -> AsyncIterator[TextDelta | TurnEnd]:
+    """One model call, streamed: text pieces as they come, then a TurnEnd. Raises LLMError.
+    Closing the generator early (cancel) closes the HTTP stream, so the provider stops."""
+    extra: dict[str, Any] = {}
+    if tools:
+        extra["tools"] = list(tools)
+    if max_tokens is not None:
+        extra["max_tokens"] = max_tokens
+    try:
+        with anyio.fail_after(idle_timeout):
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=list(messages),
+                stream=True,
+                stream_options={"include_usage": True},
+                **extra,
+            )
+    except Exception as error:
+        raise translate_error(error, client) from error
+    calls = ToolCallAccumulator()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    try:
+        chunks = aiter(stream)
+        while True:
+            try:
+                # The SDK's read timeout is per read; this bounds the wait for a whole chunk.
+                with anyio.fail_after(idle_timeout):
+                    chunk: ChatCompletionChunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            if chunk.usage is not None:
+                usage = Usage(
+                    prompt_tokens=chunk.usage.prompt_tokens,
+                    completion_tokens=chunk.usage.completion_tokens,
+                    total_tokens=chunk.usage.total_tokens,
+                )
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta.content:
+                    yield TextDelta(delta.content)
+                if delta.tool_calls:
+                    calls.add(delta.tool_calls)
+                if choice.finish_reason:
+                    finish_reason = choice.finish_reason
+    except Exception as error:
+        raise translate_error(error, client) from error
+    finally:
+        # Shielded: a cancelled reply must still close the socket, or billing goes on.
+        with anyio.move_on_after(5, shield=True):
+            await stream.close()
+    if finish_reason is None:
+        raise LLMError("stream_interrupted", "The model's stream ended before the reply did.")
+    yield TurnEnd(finish_reason, calls.finish(), usage)
+
+
+async def complete_text(
+    client: AsyncOpenAI,
+    *,
+    model: str,
+    messages: Sequence[ChatCompletionMessageParam],
+    max_tokens: int,
+    timeout: float,
+) -> str:
+    """A short, non-streamed answer (titles). Raises LLMError."""
+    try:
+        with anyio.fail_after(timeout):
+            completion = await client.chat.completions.create(
+                model=model, messages=list(messages), max_tokens=max_tokens
+            )
+    except Exception as error:
+        raise translate_error(error, client) from error
+    if not completion.choices:
+        return ""
+    return completion.choices[0].message.content or ""
+
+
+async def suggest_title(
+    client: AsyncOpenAI, *, model: str, question: str, answer: str, timeout: float = 15.0
+) -> str | None:
+    """A short title for a new chat, from its first exchange; None if none came back."""
+    excerpt = f"User: {question[:2000]}\n\nAssistant: {answer[:2000]}"
+    raw = await complete_text(
+        client,
+        model=model,
+        messages=[
+            {"role": "system", "content": TITLE_PROMPT},
+            {"role": "user", "content": excerpt},
+        ],
+        max_tokens=24,
+        timeout=timeout,
+    )
+    return clean_title(raw)
+
+
+def clean_title(raw: str) -> str | None:
+    """A model's title as we store it: one line, no quotes or Markdown, at most 80 characters."""
+    lines = [line for line in raw.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    title = lines[0].strip().strip("#*_`\"'“”‘’ ").removeprefix("Title:").strip()
+    title = title.rstrip(".").strip()
+    if len(title) > 80:
+        title = title[:79].rstrip() + "…"
+    return title or None
+
+
+async def _cli(prompt: str) -> int:
+    # The CLI reads the same settings as the service; the library part above takes arguments.
+    from settings import get_settings
+
+    settings = get_settings()
+    if not settings.llm_configured:
+        print("Set OPENAI_API_KEY (or OPENAI_BASE_URL for a local server) first.", file=sys.stderr)
+        return 2
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    client = make_client(
+        api_key=key,
+        base_url=settings.openai_base_url,
+        timeout=settings.openai_timeout,
+        max_retries=settings.openai_max_retries,
+    )
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": system_message(None, settings.system_prompt, tools=False)},
+        {"role": "user", "content": prompt},
+    ]
+    try:
+        async for event in stream_turn(
+            client,
+            model=settings.openai_model,
+            messages=messages,
+            max_tokens=settings.max_output_tokens,
+            idle_timeout=settings.openai_stream_idle_timeout,
+        ):
+            if isinstance(event, TextDelta):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            else:
+                tokens = f", {event.usage.total_tokens} tokens" if event.usage else ""
+                print(f"\n[{event.finish_reason}{tokens}]", file=sys.stderr)
+    except LLMError as error:
+        print(f"\nerror ({error.code}): {error.message}", file=sys.stderr)
+        return 1
+    finally:
+        await client.close()
+    return 0
+
+
+def main(argv: Sequence[str] = tuple(sys.argv[1:])) -> int:
+    """`python llm.py "question"`: stream the model's answer to the terminal."""
+    if not argv or argv[0] in {"-h", "--help"}:
+        print('usage: python llm.py "hey who are you and what can you do for me?"')
+        return 0 if argv else 2
+    return anyio.run(_cli, " ".join(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""The FastAPI app: lifespan, routes and SSE responses; it assembles the other modules."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from loguru import logger
+from sse_starlette import EventSourceResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
+
+import llm
+from db import Busy, ChatFull, Database, KeyReused, NotFoundError, Replayed, Started
+from replies import Reply, ReplyConfig, ReplyRegistry, model_frame
+from schemas import (
+    FINAL_STATUSES,
+    Chat,
+    ChatCreate,
+    ChatList,
+    ChatUpdate,
+    Message,
+    MessageCreate,
+    MessageList,
+    SendResult,
+)
+from settings import Settings, get_settings
+
+STATIC = Path(__file__).parent / "static"
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self';"
+    " img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self';"
+    " frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def new_id(prefix: str) -> str:
+    """An opaque, URL-safe id with 128 random bits: knowing it is what gives access."""
+    return f"{prefix}_{secrets.token_urlsafe(16)}"
+
+
+def configure_logging(level: str) -> None:
+    """One sink on stderr; message contents and keys are never logged at INFO."""
+    logger.remove()
+    logger.add(sys.stderr, level=level.upper(), backtrace=False, diagnose=False)
+
+
+class RequestLog:
+    """Pure ASGI middleware: one log line per request, and the request body size limit
+    (413 before the body is read, whatever the route)."""
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_logged(message: ASGIMessage) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+                response = JSONResponse(
+                    {"detail": f"The request body is larger than {self.max_body} bytes."}, 413
+                )
+                await response(scope, receive, send_logged)
+                return
+            await self.app(scope, self._limited(receive), send_logged)
+        finally:
+            logger.info(
+                "{} {} {} {:.1f}ms",
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Counts a chunked body as it arrives, for clients that send no Content-Length."""
+        seen = 0
+
+        async def limited() -> ASGIMessage:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise HTTPException(413, f"The request body is larger than {self.max_body}.")
+            return message
+
+        return limited
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the database (migrating it, recovering replies a crash interrupted), make the
+    model client and the reply registry; on the way out, end replies in progress cleanly."""
+    settings: Settings = app.state.settings
+    db = Database(settings.database_path)
+    await anyio.to_thread.run_sync(db.migrate)
+    recovered = await anyio.to_thread.run_sync(db.recover_interrupted)
+    if recovered:
+        logger.warning("{} replies were interrupted by a stop and are now incomplete", recovered)
+    client = None
+    if settings.llm_configured:
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        client = llm.make_client(
+            api_key=key,
+            base_url=settings.openai_base_url,
+            timeout=settings.openai_timeout,
+            max_retries=settings.openai_max_retries,
+        )
+    else:
+        logger.warning("No OPENAI_API_KEY or OPENAI_BASE_URL: replies will fail (not_configured)")
+    config = ReplyConfig(
+        client=client,
+        default_system_prompt=settings.system_prompt,
+        max_context_tokens=settings.max_context_tokens,
+        max_output_tokens=settings.max_output_tokens,
+        max_tool_rounds=settings.max_tool_rounds,
+        idle_timeout=settings.openai_stream_idle_timeout,
+        max_reply_seconds=settings.max_reply_seconds,
+        generate_titles=settings.generate_titles,
+    )
+    if not settings.tools_enabled:
+        config.tools = {}
+    async with anyio.create_task_group() as task_group:
+        registry = ReplyRegistry(db, config, task_group)
+        task_group.start_soon(registry.watch_for_shutdown)
+        app.state.db = db
+        app.state.registry = registry
+        logger.info(
+            "ready: database={} model={} provider={}",
+            settings.database_path,
+            settings.openai_model,
+            settings.openai_base_url or ("openai" if client else "none"),
+        )
+        try:
+            yield
+        finally:
+            await registry.shutdown()
+            task_group.cancel_scope.cancel()
+    if client is not None:
+        await client.close()
+    db.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for these settings (the environment's by default)."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="Chat backend",
+        summary="Chats in SQLite; replies written by the server and streamed over SSE.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Content-Type", "Accept", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After"],
+        )
+    app.add_middleware(RequestLog, max_body=settings.max_request_bytes)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+
+    @app.exception_handler(sqlite3.DatabaseError)
+    async def storage_unavailable(request: Request, error: sqlite3.DatabaseError) -> Response:
+        logger.error("storage error on {} {}: {}", request.method, request.url.path, error)
+        return JSONResponse(
+            {"detail": "Storage is unavailable; try again shortly."},
+            503,
+            headers={"Retry-After": "5"},
+        )
+
+    return app
+
+
+# Dependencies
+
+
+def get_settings_dep(request: Request) -> Settings:
+    """The app's settings."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_db(request: Request) -> Database:
+    """The app's database."""
+    db: Database = request.app.state.db
+    return db
+
+
+def get_registry(request: Request) -> ReplyRegistry:
+    """The app's reply registry."""
+    registry: ReplyRegistry = request.app.state.registry
+    return registry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+DatabaseDep = Annotated[Database, Depends(get_db)]
+RegistryDep = Annotated[ReplyRegistry, Depends(get_registry)]
+
+
+async def get_chat(chat_id: str, db: DatabaseDep) -> Chat:
+    """The chat named in the path, or 404."""
+    chat = await anyio.to_thread.run_sync(db.get_chat, chat_id)
+    if chat is None:
+        raise HTTPException(404, "Chat not found.")
+    return chat
+
+
+ChatDep = Annotated[Chat, Depends(get_chat)]
+Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
+MessageLimit = Annotated[int, Query(ge=1, le=10_000, description="Page size.")]
+
+
+def invalid(location: list[str | int], message: str, kind: str = "value_error") -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors."""
+    return HTTPException(422, [{"type": kind, "loc": location, "msg": message}])
+
+
+def event_stream(frames: AsyncIterator[bytes], registry: ReplyRegistry) -> EventSourceResponse:
+    """An SSE response: pings every 15 s, no caching, no proxy buffering; on shutdown the
+    registry ends replies, so streams get their `message.done` within the grace period."""
+    return EventSourceResponse(
+        frames,
+        ping=15,
+        sep="\n",
+        headers={"Cache-Control": "no-cache"},
+        send_timeout=get_settings().stream_send_timeout,
+        shutdown_event=registry.shutdown_requested,
+        shutdown_grace_period=4,
+    )
+
+
+async def reply_frames(
+    registry: ReplyRegistry, db: Database, chat_id: str, message_id: str, after: int
+) -> AsyncIterator[bytes] | None:
+    """A reply's events after id `after`: its live log if we have it, else (finished long ago,
+    or before a restart) its `message.done` alone. None when there is nothing to send."""
+    reply = registry.get(message_id)
+    if reply is not None and reply.chat.id == chat_id:
+        if reply.final is not None and after == reply.last_event_id:
+            return None
+        if reply.final is not None and after > reply.last_event_id:
+            return single(reply.encoded(reply.last_event_id - 1))
+        return reply.follow(after)
+    state = await anyio.to_thread.run_sync(db.get_reply_state, chat_id, message_id)
+    if state is None or state[0].role != "assistant":
+        raise HTTPException(404, "Reply not found.")
+    message, last_event_id = state
+    if message.status not in FINAL_STATUSES:
+        # Written by another process: this one cannot follow it.
+        raise HTTPException(503, "This reply is being written by another server process.")
+    done_id = last_event_id or 1
+    if after == done_id:
+        return None
+    return single(model_frame("message.done", message, done_id))
+
+
+async def single(data: bytes) -> AsyncIterator[bytes]:
+    """A stream of one event."""
+    yield data
+
+
+async def with_user_message(user: Message, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A POST's stream: the user message (no id: it is not part of the reply), then the reply."""
+    yield model_frame("message.created", user)
+    async for data in frames:
+        yield data
+
+
+def wants_json(accept: str | None) -> bool:
+    """`Accept: application/json` (and not event-stream) asks for the 202 answer."""
+    if not accept:
+        return False
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    return "application/json" in types and "text/event-stream" not in types
+
+
+# Routes
+
+router = APIRouter()
+
+
+@router.post("/chats", status_code=201, response_model=Chat, tags=["chats"])
+async def create_chat(
+    response: Response, db: DatabaseDep, settings: SettingsDep, body: ChatCreate | None = None
+) -> Chat:
+    """Create a chat. Every field is optional; `model` must be one the server allows."""
+    body = body or ChatCreate()
+    model = body.model or settings.openai_model
+    if model not in settings.models:
+        raise invalid(["body", "model"], f"Model not allowed; choose one of {settings.models}.")
+    chat = await anyio.to_thread.run_sync(
+        db.create_chat, new_id("chat"), body.title, body.system_prompt, model
+    )
+    response.headers["Location"] = f"/chats/{chat.id}"
+    return chat
+
+
+@router.get("/chats", tags=["chats"])
+async def read_chats(db: DatabaseDep, limit: Limit = 20, after: str | None = None) -> ChatList:
+    """List chats, newest created first; `after` (a chat id) starts the page after it."""
+    try:
+        chats, has_more = await anyio.to_thread.run_sync(db.list_chats, limit, after)
+    except NotFoundError as error:
+        raise HTTPException(404, str(error)) from error
+    return ChatList(data=chats, has_more=has_more)
+
+
+@router.get("/chats/{chat_id}", tags=["chats"])
+async def read_chat(chat: ChatDep) -> Chat:
+    """One chat."""
+    return chat
+
+
+@router.patch("/chats/{chat_id}", tags=["chats"])
+async def update_chat(chat: ChatDep, body: ChatUpdate, db: DatabaseDep) -> Chat:
+    """Change a chat's `title` and/or `system_prompt` (`null` clears it)."""
+    changes = body.model_dump(exclude_unset=True)
+    if not changes:
+        return chat
+    updated = await anyio.to_thread.run_sync(db.update_chat, chat.id, changes)
+    if updated is None:
+        raise HTTPException(404, "Chat not found.")
+    return updated
+
+
+@router.delete("/chats/{chat_id}", status_code=204, tags=["chats"])
+async def delete_chat(chat: ChatDep, db: DatabaseDep, registry: RegistryDep) -> Response:
+    """Delete a chat with all its messages; a reply in progress is cancelled first."""
+    await registry.stop_chat(chat.id)
+    await anyio.to_thread.run_sync(db.delete_chat, chat.id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/chats/{chat_id}/messages",
+    tags=["messages"],
+    status_code=200,
+    response_model=None,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The reply's event stream."},
+        202: {"model": SendResult, "description": "Accepted (with `Accept: application/json`)."},
+        409: {"description": "The chat already has a reply in progress."},
+    },
+)
+async def create_message(
+    chat: ChatDep,
+    body: MessageCreate,
+    db: DatabaseDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    accept: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Response:
+    """Send a user message and start the reply. The reply is written by the server: a client
+    that goes away stops nothing. Answers with the reply's event stream, or 202 with both
+    messages for `Accept: application/json` (then follow `Location` with EventSource)."""
+    content = body.content
+    if not content.strip():
+        raise invalid(["body", "content"], "Content must not be empty.")
+    if len(content) > settings.max_message_chars:
+        raise invalid(
+            ["body", "content"],
+            f"Content must be at most {settings.max_message_chars} characters.",
+            "string_too_long",
+        )
+    if registry.closing:
+        raise HTTPException(503, "The server is shutting down.", headers={"Retry-After": "5"})
+    if len(registry.active) >= settings.max_active_replies:
+        raise HTTPException(
+            503, "Too many replies in progress; try again shortly.", headers={"Retry-After": "2"}
+        )
+    outcome = await anyio.to_thread.run_sync(
+        lambda: db.start_exchange(
+            chat_id=chat.id,
+            user_message_id=new_id("msg"),
+            reply_id=new_id("msg"),
+            content=content,
+            model=chat.model,
+            idempotency_key=idempotency_key,
+            max_messages=settings.max_messages_per_chat,
+        )
+    )
+    match outcome:
+        case None:
+            raise HTTPException(404, "Chat not found.")
+        case Busy(reply_id=reply_id):
+            return JSONResponse(
+                {
+                    "detail": f"This chat already has a reply in progress: {reply_id}.",
+                    "message_id": reply_id,
+                },
+                409,
+            )
+        case KeyReused():
+            raise invalid(
+                ["header", "idempotency-key"],
+                "This Idempotency-Key was used before with different content.",
+            )
+        case ChatFull(limit=limit):
+            raise HTTPException(409, f"This chat is full ({limit} messages); start a new one.")
+        case Started(user_message=user, reply=reply_message):
+            registry.start(chat, reply_message)
+        case Replayed(user_message=user, reply=reply_message):
+            pass
+    location = f"/chats/{chat.id}/messages/{reply_message.id}/stream"
+    if wants_json(accept):
+        live = registry.get(reply_message.id)
+        current = live.final or live.message if live else reply_message
+        body_out = SendResult(user_message=user, assistant_message=current)
+        return Response(
+            body_out.model_dump_json(),
+            202,
+            media_type="application/json",
+            headers={"Location": location},
+        )
+    frames = await reply_frames(registry, db, chat.id, reply_message.id, 0)
+    assert frames is not None  # from the start there is always something to send
+    response = event_stream(with_user_message(user, frames), registry)
+    response.headers["Location"] = location
+    return response
+
+
+@router.get("/chats/{chat_id}/messages", tags=["messages"])
+async def read_messages(
+    chat: ChatDep, db: DatabaseDep, limit: MessageLimit = 1000, after: str | None = None
+) -> MessageList:
+    """The chat's history, oldest first; `after` (a message id) starts the page after it."""
+    try:
+        messages, has_more = await anyio.to_thread.run_sync(db.list_messages, chat.id, limit, after)
+    except NotFoundError as error:
+        raise HTTPException(404, str(error)) from error
+    return MessageList(data=messages, has_more=has_more)
+
+
+@router.get("/chats/{chat_id}/messages/{message_id}", tags=["messages"])
+async def read_message(chat_id: str, message_id: str, db: DatabaseDep) -> Message:
+    """One message."""
+    message = await anyio.to_thread.run_sync(db.get_message, chat_id, message_id)
+    if message is None:
+        raise HTTPException(404, "Message not found.")
+    return message
+
+
+@router.get(
+    "/chats/{chat_id}/messages/{message_id}/stream",
+    tags=["messages"],
+    response_model=None,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The reply's event stream."},
+        204: {"description": "The client has already seen the reply's last event."},
+    },
+)
+async def stream_reply(
+    chat_id: str,
+    message_id: str,
+    db: DatabaseDep,
+    registry: RegistryDep,
+    after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
+    """(Re)attach to a reply's events: replayed from the start, or after `Last-Event-ID` (or
+    `after`, which wins), then live until `message.done`. 204 once the last event was seen."""
+    start = after
+    if start is None and last_event_id is not None and last_event_id.strip().isdigit():
+        start = int(last_event_id.strip())
+    frames = await reply_frames(registry, db, chat_id, message_id, start or 0)
+    if frames is None:
+        return Response(status_code=204)
+    return event_stream(frames, registry)
+
+
+@router.post("/chats/{chat_id}/messages/{message_id}/cancel", tags=["messages"])
+async def cancel_reply(
+    chat_id: str, message_id: str, db: DatabaseDep, registry: RegistryDep
+) -> Message:
+    """Stop a reply in progress, keeping its text so far; a finished one is returned as is."""
+    reply: Reply | None = registry.get(message_id)
+    if reply is not None and reply.chat.id == chat_id:
+        return await registry.stop(reply)
+    message = await anyio.to_thread.run_sync(db.get_message, chat_id, message_id)
+    if message is None:
+        raise HTTPException(404, "Message not found.")
+    return message
+
+
+@router.get("/healthz", tags=["service"])
+async def read_health(db: DatabaseDep, registry: RegistryDep) -> dict[str, Any]:
+    """The service and its database answer."""
+    await anyio.to_thread.run_sync(db.ping)
+    return {"status": "ok", "database": "ok", "active_replies": len(registry.active)}
+
+
+@router.get("/", include_in_schema=False)
+async def read_page() -> Response:
+    """The web client."""
+    page = STATIC / "index.html"
+    if not page.exists():
+        return Response("The web client is not installed.", 404)
+    return FileResponse(page, headers=PAGE_HEADERS)
+
+
+app = create_app()

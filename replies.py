@@ -1,0 +1,506 @@
+"""A reply's life: the background task that writes it, its numbered event log, subscribers,
+cancel, checkpoints to SQLite, and recovery at start-up."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from loguru import logger
+from openai import AsyncOpenAI
+from pydantic import BaseModel, JsonValue
+
+import llm
+import tools
+from db import Database
+from schemas import Chat, Message, MessageError, ToolCallRecord, ToolCallRequest, Usage
+
+
+def frame(name: str, data: str, event_id: int | None = None) -> bytes:
+    """One SSE event on the wire; `data` is JSON text, which never holds a raw newline."""
+    head = f"event: {name}\n" if event_id is None else f"id: {event_id}\nevent: {name}\n"
+    return f"{head}data: {data}\n\n".encode()
+
+
+def model_frame(name: str, model: BaseModel, event_id: int | None = None) -> bytes:
+    """An event whose data is a whole resource (a Message or a Chat)."""
+    return frame(name, model.model_dump_json(), event_id)
+
+
+@dataclass
+class Entry:
+    """One event of a reply's log. A `message.delta` stays open, taking more text, until a
+    subscriber reads it; then it is sealed and encoded once. A fast model with slow readers
+    thus sends fewer, larger deltas, and every reader sees the same event ids."""
+
+    name: str
+    data: str | None = None
+    parts: list[str] | None = None
+    encoded: bytes | None = None
+
+
+@dataclass
+class Outcome:
+    """How the writing of a reply ended."""
+
+    status: str
+    finish_reason: str | None = None
+    error: MessageError | None = None
+
+
+class Reply:
+    """A reply being written (or recently written): its state and its event log."""
+
+    def __init__(self, chat: Chat, message: Message) -> None:
+        self.chat = chat
+        self.message = message
+        self.id = message.id
+        self.entries: list[Entry] = []
+        self.text: list[str] = []
+        self.tool_calls: list[dict[str, JsonValue]] = []
+        self.usage: Usage | None = None
+        self.stop: Outcome | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.final: Message | None = None
+        self.done = anyio.Event()
+        self.dirty = False
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+        self.size = 0
+        self._changed = anyio.Event()
+        # Deltas are encoded by hand: the message id is fixed, only the text varies.
+        self._delta_prefix = f'data: {{"message_id":{json.dumps(self.id)},"delta":'
+
+    @property
+    def last_event_id(self) -> int:
+        """The id of the newest event (ids count from 1)."""
+        return len(self.entries)
+
+    def content(self) -> str:
+        """The text so far."""
+        if len(self.text) > 1:
+            self.text[:] = ["".join(self.text)]
+        return self.text[0] if self.text else ""
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def append(self, name: str, data: str) -> None:
+        """Add an event to the log and wake the subscribers."""
+        self.entries.append(Entry(name, data=data))
+        self.size += len(data)
+        self._notify()
+
+    def add_text(self, text: str) -> None:
+        """Add a piece of the model's text: to the open delta if nobody has read it yet."""
+        self.text.append(text)
+        self.dirty = True
+        self.size += len(text)
+        last = self.entries[-1] if self.entries else None
+        if last is not None and last.parts is not None and last.encoded is None:
+            last.parts.append(text)
+        else:
+            self.entries.append(Entry("message.delta", parts=[text]))
+        self._notify()
+
+    def encoded(self, index: int) -> bytes:
+        """The wire bytes of the event at `index` (id index + 1), sealing it."""
+        entry = self.entries[index]
+        if entry.encoded is None:
+            if entry.parts is not None:
+                delta = json.dumps("".join(entry.parts), ensure_ascii=False)
+                entry.encoded = (
+                    f"id: {index + 1}\nevent: message.delta\n{self._delta_prefix}{delta}}}\n\n"
+                ).encode()
+            else:
+                entry.encoded = frame(entry.name, entry.data or "null", index + 1)
+        return entry.encoded
+
+    async def follow(self, after: int = 0) -> AsyncIterator[bytes]:
+        """The events after id `after`, then live ones until `message.done`."""
+        index = max(after, 0)
+        while True:
+            changed = self._changed
+            while index < len(self.entries):
+                yield self.encoded(index)
+                index += 1
+            if self.final is not None:
+                return
+            await changed.wait()
+
+
+@dataclass
+class ReplyConfig:
+    """What writing a reply needs; built once by main.py from the settings."""
+
+    client: AsyncOpenAI | None
+    default_system_prompt: str | None = None
+    max_context_tokens: int = 100_000
+    max_output_tokens: int | None = None
+    max_tool_rounds: int = 5
+    tools: Mapping[str, tools.Tool] = field(default_factory=lambda: tools.TOOLS)
+    idle_timeout: float = 60.0
+    max_reply_seconds: float = 600.0
+    generate_titles: bool = True
+    checkpoint_interval: float = 0.5
+    keep_finished_seconds: float = 300.0
+    keep_finished_bytes: int = 64 * 1024 * 1024
+
+
+class ReplyRegistry:
+    """Owns every reply in progress: starts, follows, cancels and finishes them. Made once in
+    main.py's lifespan, with the task group its replies run in."""
+
+    def __init__(self, db: Database, config: ReplyConfig, task_group: TaskGroup) -> None:
+        self.db = db
+        self.config = config
+        self.task_group = task_group
+        self.active: dict[str, Reply] = {}
+        self.finished: OrderedDict[str, Reply] = OrderedDict()
+        self.closing = False
+        self.shutdown_requested = anyio.Event()
+
+    def get(self, message_id: str) -> Reply | None:
+        """A reply in progress or recently finished, with its event log."""
+        return self.active.get(message_id) or self.finished.get(message_id)
+
+    def active_in_chat(self, chat_id: str) -> Reply | None:
+        """The chat's reply in progress, if any."""
+        return next((r for r in self.active.values() if r.chat.id == chat_id), None)
+
+    def start(self, chat: Chat, message: Message) -> Reply:
+        """Begin writing the reply `message` (stored `in_progress`) in the background."""
+        reply = Reply(chat, message)
+        reply.append("message.created", message.model_dump_json())
+        self.active[reply.id] = reply
+        self.task_group.start_soon(self._run, reply, name=f"reply {reply.id}")
+        return reply
+
+    async def stop(
+        self, reply: Reply, status: str = "cancelled", error: MessageError | None = None
+    ) -> Message:
+        """Stop a reply in progress (keeping its text) and wait until it is stored."""
+        if reply.final is None and reply.stop is None:
+            reply.stop = Outcome(status, None, error)
+            if reply.scope is not None:
+                reply.scope.cancel()
+        await reply.done.wait()
+        assert reply.final is not None
+        return reply.final
+
+    async def stop_chat(self, chat_id: str) -> None:
+        """Cancel the chat's reply in progress, if any (the chat is being deleted)."""
+        reply = self.active_in_chat(chat_id)
+        if reply is not None:
+            await self.stop(reply)
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Refuse new replies, end those in progress `incomplete` and store them."""
+        self.closing = True
+        error = MessageError(
+            code="server_shutdown", message="The server stopped while writing this reply."
+        )
+        with anyio.move_on_after(grace, shield=True):
+            async with anyio.create_task_group() as group:
+                for reply in list(self.active.values()):
+                    group.start_soon(self.stop, reply, "incomplete", error)
+
+    async def watch_for_shutdown(self) -> None:
+        """Stop replies as soon as the server starts to shut down, so that open streams can
+        still send their final `message.done` within the grace period."""
+        await self.shutdown_requested.wait()
+        await self.shutdown()
+
+    # The writing itself.
+
+    async def _run(self, reply: Reply) -> None:
+        outcome = Outcome("failed", None, MessageError(code="internal_error", message="?"))
+        try:
+            with anyio.CancelScope() as scope:
+                reply.scope = scope
+                if reply.stop is not None:  # stopped before it began
+                    scope.cancel()
+                scope.deadline = anyio.current_time() + self.config.max_reply_seconds
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._checkpoints, reply)
+                    outcome = await self._generate(reply)
+                    group.cancel_scope.cancel()
+            if scope.cancelled_caught:
+                outcome = reply.stop or Outcome(
+                    "incomplete",
+                    None,
+                    MessageError(code="reply_timeout", message="The reply took too long."),
+                )
+        except Exception:
+            logger.exception("reply {} crashed", reply.id)
+            outcome = Outcome(
+                "failed", None, MessageError(code="internal_error", message="Internal error.")
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(reply, outcome)
+
+    async def _generate(self, reply: Reply) -> Outcome:
+        config = self.config
+        if config.client is None:
+            return Outcome(
+                "failed",
+                None,
+                MessageError(
+                    code="not_configured",
+                    message="No model is configured: set OPENAI_API_KEY or OPENAI_BASE_URL.",
+                ),
+            )
+        chat = await anyio.to_thread.run_sync(self.db.get_chat, reply.chat.id) or reply.chat
+        history = await anyio.to_thread.run_sync(self.db.history, chat.id, reply.id)
+        schemas = tools.tool_schemas(config.tools) if config.tools else []
+        messages = llm.build_prompt(
+            chat_prompt=chat.system_prompt,
+            default_prompt=config.default_system_prompt,
+            history=history,
+            max_context_tokens=config.max_context_tokens,
+            tools=schemas,
+            reserve_tokens=config.max_output_tokens or 1024,
+        )
+        context = tools.ToolContext(
+            chat_id=chat.id,
+            search_history=lambda query, limit: anyio.to_thread.run_sync(
+                self.db.search_messages, chat.id, query, limit, reply.id
+            ),
+            set_title=lambda title: self._set_title(reply, title),
+        )
+        rounds = 0
+        try:
+            while True:
+                end: llm.TurnEnd | None = None
+                offset = len(reply.content())
+                async for event in llm.stream_turn(
+                    config.client,
+                    model=reply.message.model or chat.model,
+                    messages=messages,
+                    tools=schemas,
+                    max_tokens=config.max_output_tokens,
+                    idle_timeout=config.idle_timeout,
+                ):
+                    if isinstance(event, llm.TextDelta):
+                        reply.add_text(event.text)
+                    else:
+                        end = event
+                assert end is not None
+                self._add_usage(reply, end.usage)
+                if not end.tool_calls:
+                    break
+                if rounds >= config.max_tool_rounds:
+                    return Outcome(
+                        "incomplete",
+                        end.finish_reason,
+                        MessageError(
+                            code="tool_rounds_exceeded",
+                            message=f"The model asked for tools more than "
+                            f"{config.max_tool_rounds} times in one reply.",
+                        ),
+                    )
+                rounds += 1
+                text = reply.content()[offset:]
+                messages.append(
+                    {
+                        "role": "assistant",
+                        "content": text or None,
+                        "tool_calls": [
+                            {
+                                "id": c.id,
+                                "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments},
+                            }
+                            for c in end.tool_calls
+                        ],
+                    }
+                )
+                for call in end.tool_calls:
+                    record = await self._call_tool(
+                        reply, call, context, cut=end.finish_reason == "length"
+                    )
+                    messages.append(
+                        {
+                            "role": "tool",
+                            "tool_call_id": call.id,
+                            "content": llm.tool_result_content(record.result, record.error),
+                        }
+                    )
+        except llm.LLMError as error:
+            return Outcome("failed", None, MessageError(code=error.code, message=error.message))
+        assert end is not None
+        if end.finish_reason == "length":
+            return Outcome(
+                "incomplete",
+                "length",
+                MessageError(code="length", message="The reply reached its length limit."),
+            )
+        if config.generate_titles and chat.title is None and not reply.chat.title:
+            await self._suggest_title(reply, history)
+        return Outcome("completed", end.finish_reason)
+
+    async def _call_tool(
+        self, reply: Reply, call: llm.AccumulatedCall, context: tools.ToolContext, *, cut: bool
+    ) -> ToolCallRecord:
+        try:
+            arguments: JsonValue = json.loads(call.arguments) if call.arguments else {}
+        except ValueError:
+            arguments = call.arguments
+        request = ToolCallRequest(id=call.id, name=call.name, arguments=arguments)
+        reply.append(
+            "tool.call",
+            json.dumps(
+                {"message_id": reply.id, "tool_call": request.model_dump(mode="json")},
+                ensure_ascii=False,
+            ),
+        )
+        if cut:
+            record = ToolCallRecord(
+                id=call.id,
+                name=call.name,
+                arguments=arguments,
+                error="The call was cut off by the length limit before its arguments were "
+                "complete, so it was not run.",
+            )
+        else:
+            outcome = await tools.run_tool_call(
+                call.name, call.arguments, context, self.config.tools
+            )
+            record = ToolCallRecord(
+                id=call.id,
+                name=call.name,
+                arguments=outcome.arguments,
+                result=outcome.result,
+                error=outcome.error,
+            )
+        stored = record.model_dump(mode="json")
+        stored["text_offset"] = len(reply.content())
+        reply.tool_calls.append(stored)
+        reply.dirty = True
+        reply.append(
+            "tool.result",
+            json.dumps(
+                {"message_id": reply.id, "tool_call": record.model_dump(mode="json")},
+                ensure_ascii=False,
+            ),
+        )
+        return record
+
+    async def _set_title(self, reply: Reply, title: str) -> None:
+        changes: dict[str, str | None] = {"title": title}
+        chat = await anyio.to_thread.run_sync(self.db.update_chat, reply.chat.id, changes)
+        if chat is not None:
+            reply.chat = chat
+            reply.append("chat.updated", chat.model_dump_json())
+
+    async def _suggest_title(self, reply: Reply, history: list[Message]) -> None:
+        """Name an untitled chat after its first reply; a failure here costs only the title."""
+        assert self.config.client is not None
+        question = next((m.content for m in reversed(history) if m.role == "user"), "")
+        try:
+            title = await llm.suggest_title(
+                self.config.client,
+                model=reply.message.model or reply.chat.model,
+                question=question,
+                answer=reply.content(),
+            )
+        except llm.LLMError as error:
+            logger.info("no title for chat {}: {}", reply.chat.id, error.code)
+            return
+        if title:
+            await self._set_title(reply, title)
+
+    @staticmethod
+    def _add_usage(reply: Reply, usage: Usage | None) -> None:
+        if usage is None:
+            return
+        if reply.usage is None:
+            reply.usage = usage
+        else:
+            reply.usage = Usage(
+                prompt_tokens=reply.usage.prompt_tokens + usage.prompt_tokens,
+                completion_tokens=reply.usage.completion_tokens + usage.completion_tokens,
+                total_tokens=reply.usage.total_tokens + usage.total_tokens,
+            )
+
+    async def _checkpoints(self, reply: Reply) -> None:
+        """Save the text so far every half second at most: a crash loses at most that much,
+        and a fast model costs one write per interval, not one per token."""
+        while True:
+            await anyio.sleep(self.config.checkpoint_interval)
+            if not reply.dirty:
+                continue
+            reply.dirty = False
+            try:
+                await anyio.to_thread.run_sync(
+                    self.db.checkpoint_reply,
+                    reply.id,
+                    reply.content(),
+                    reply.tool_calls,
+                    reply.last_event_id,
+                )
+            except sqlite3.Error as error:
+                logger.warning("checkpoint of {} failed: {}", reply.id, error)
+
+    async def _finish(self, reply: Reply, outcome: Outcome) -> None:
+        """Store the final state, announce it with `message.done`, and retire the reply."""
+        done_id = reply.last_event_id + 1
+        fields: dict[str, Any] = {
+            "status": outcome.status,
+            "content": reply.content(),
+            "finish_reason": outcome.finish_reason,
+            "usage": reply.usage.model_dump() if reply.usage else None,
+            "tool_calls": reply.tool_calls,
+            "error": outcome.error.model_dump() if outcome.error else None,
+        }
+        final: Message | None = None
+        try:
+            final = await anyio.to_thread.run_sync(
+                lambda: self.db.finish_reply(reply.id, last_event_id=done_id, **fields)
+            )
+        except sqlite3.Error as error:
+            logger.error("storing reply {} failed: {}", reply.id, error)
+            fields["status"] = "failed"
+            fields["error"] = {"code": "storage_error", "message": "The reply could not be saved."}
+        if final is None:  # the chat was deleted, or the database failed: say what we know
+            final = Message.model_validate(
+                reply.message.model_dump() | fields | {"completed_at": datetime.now(UTC)}
+            )
+        reply.final = final
+        reply.append("message.done", final.model_dump_json())
+        reply.finished_at = time.monotonic()
+        self.active.pop(reply.id, None)
+        self.finished[reply.id] = reply
+        reply.done.set()
+        self._prune()
+        tokens = reply.usage.total_tokens if reply.usage else 0
+        logger.info(
+            "reply {} chat={} status={} duration={:.2f}s tokens={} events={}",
+            reply.id,
+            reply.chat.id,
+            final.status,
+            reply.finished_at - reply.started,
+            tokens,
+            reply.last_event_id,
+        )
+
+    def _prune(self) -> None:
+        """Forget finished replies' logs after a while, or when they hold too much."""
+        horizon = time.monotonic() - self.config.keep_finished_seconds
+        total = sum(r.size for r in self.finished.values())
+        while self.finished:
+            oldest = next(iter(self.finished.values()))
+            if (oldest.finished_at or 0) >= horizon and total <= self.config.keep_finished_bytes:
+                break
+            total -= oldest.size
+            self.finished.popitem(last=False)

@@ -1,0 +1,193 @@
+"""Pydantic models: request and response bodies, and the reply's stream events."""
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+
+ChatId = Annotated[str, StringConstraints(pattern=r"^chat_[A-Za-z0-9_-]{16,64}$")]
+Role = Literal["user", "assistant"]
+MessageStatus = Literal["in_progress", "completed", "incomplete", "failed", "cancelled"]
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "incomplete", "failed", "cancelled"})
+
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+SystemPrompt = Annotated[str, StringConstraints(max_length=20_000)]
+
+
+class Body(BaseModel):
+    """Request bodies refuse fields they do not know: a typo must not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatCreate(Body):
+    """`POST /chats`: every field optional."""
+
+    title: Title | None = None
+    system_prompt: SystemPrompt | None = None
+    model: str | None = Field(default=None, max_length=200)
+
+
+class ChatUpdate(Body):
+    """`PATCH /chats/{chat_id}`: the fields to change; `null` clears one."""
+
+    title: Title | None = None
+    system_prompt: SystemPrompt | None = None
+
+
+class Chat(BaseModel):
+    """A chat session."""
+
+    id: str
+    title: str | None
+    system_prompt: str | None
+    model: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ChatList(BaseModel):
+    """A page of chats, newest first."""
+
+    data: list[Chat]
+    has_more: bool
+
+
+class MessageCreate(Body):
+    """`POST /chats/{chat_id}/messages`: the user's message. Its length limit is a setting."""
+
+    content: str
+
+
+class Usage(BaseModel):
+    """Tokens the provider counted for a reply (all model calls of the reply added up)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ToolCallRequest(BaseModel):
+    """A tool call as the model asked for it (`tool.call`)."""
+
+    id: str
+    name: str
+    arguments: JsonValue
+
+
+class ToolCallRecord(BaseModel):
+    """One tool the model called while writing a reply, and what came of it."""
+
+    id: str
+    name: str
+    arguments: JsonValue
+    result: JsonValue = None
+    error: str | None = None
+    # How much of the reply's text came before this call: the next prompt replays the text and
+    # the tool rounds in the order the model wrote them. Stored, never shown to clients.
+    text_offset: int = Field(default=0, exclude=True)
+
+
+class MessageError(BaseModel):
+    """Why a reply failed: a stable `code` and a readable `message`."""
+
+    code: str
+    message: str
+
+
+class Message(BaseModel):
+    """A user message or an assistant reply."""
+
+    id: str
+    chat_id: str
+    role: Role
+    content: str
+    status: MessageStatus
+    created_at: datetime
+    completed_at: datetime | None
+    model: str | None
+    finish_reason: str | None
+    usage: Usage | None
+    tool_calls: list[ToolCallRecord]
+    error: MessageError | None
+
+
+class MessageList(BaseModel):
+    """A page of a chat's history, oldest first."""
+
+    data: list[Message]
+    has_more: bool
+
+
+class SendResult(BaseModel):
+    """The 202 answer to a send with `Accept: application/json`."""
+
+    user_message: Message
+    assistant_message: Message
+
+
+class ReplyInProgress(BaseModel):
+    """The 409 answer: the chat already has a reply in progress."""
+
+    detail: str
+    message_id: str
+
+
+# Stream events. `type` is the SSE `event:` name. On the wire, `data:` is the JSON of the
+# message (message.created, message.done), of the chat (chat.updated), or of the other fields.
+
+
+class MessageCreated(BaseModel):
+    """`message.created`: a message begins (the reply, or the user message on a POST stream)."""
+
+    type: Literal["message.created"] = "message.created"
+    message: Message
+
+
+class MessageDelta(BaseModel):
+    """`message.delta`: a piece of the reply's text, in order."""
+
+    type: Literal["message.delta"] = "message.delta"
+    message_id: str
+    delta: str
+
+
+class ToolCallRequested(BaseModel):
+    """`tool.call`: the model asked for a tool."""
+
+    type: Literal["tool.call"] = "tool.call"
+    message_id: str
+    tool_call: ToolCallRequest
+
+
+class ToolCallFinished(BaseModel):
+    """`tool.result`: the tool answered, or was not run (`error` says why)."""
+
+    type: Literal["tool.result"] = "tool.result"
+    message_id: str
+    tool_call: ToolCallRecord
+
+
+class ChatUpdated(BaseModel):
+    """`chat.updated`: the chat changed while the reply was written."""
+
+    type: Literal["chat.updated"] = "chat.updated"
+    chat: Chat
+
+
+class MessageDone(BaseModel):
+    """`message.done`: always last; the whole final message."""
+
+    type: Literal["message.done"] = "message.done"
+    message: Message
+
+
+StreamEvent = Annotated[
+    MessageCreated
+    | MessageDelta
+    | ToolCallRequested
+    | ToolCallFinished
+    | ChatUpdated
+    | MessageDone,
+    Field(discriminator="type"),
+]
