@@ -51,7 +51,7 @@ class Settings(BaseSettings):
             raise ValueError("DATABASE_URL must look like sqlite:///./chat.db or sqlite:////abs.db")
         return value
 
-    @field_validator("openai_base_url", "system_prompt", mode="before")
+    @field_validator("openai_api_key", "openai_base_url", "system_prompt", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
