@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     """Every knob of the service; `.env.example` lists each one with its default."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # Empty values mean "the default", so .env.example can list every setting with a blank.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None

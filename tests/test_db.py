@@ -1,0 +1,203 @@
+"""Unit tests of db.py on a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from db import (
+    MIGRATIONS,
+    Busy,
+    ChatFull,
+    Database,
+    KeyReused,
+    NotFoundError,
+    Replayed,
+    SendOutcome,
+    Started,
+)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(tmp_path / "sub" / "chat.db")
+    database.migrate()
+    yield database
+    database.close()
+
+
+def exchange(
+    db: Database, chat_id: str, n: int, key: str | None = None, content: str = "q"
+) -> SendOutcome | None:
+    return db.start_exchange(
+        chat_id=chat_id,
+        user_message_id=f"msg_u{n}",
+        reply_id=f"msg_a{n}",
+        content=content,
+        model="m",
+        idempotency_key=key,
+        max_messages=100,
+    )
+
+
+def finish(db: Database, message_id: str, content: str = "answer") -> None:
+    db.finish_reply(
+        message_id,
+        status="completed",
+        content=content,
+        finish_reason="stop",
+        usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        tool_calls=[],
+        error=None,
+        last_event_id=3,
+    )
+
+
+def test_migrate_creates_the_file_with_wal_and_runs_each_migration_once(db: Database) -> None:
+    assert db.path.exists()
+    conn = db.connection()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert db.migrate() == []
+    names = [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY name")]
+    assert names == [m.__name__ for m in MIGRATIONS]
+    indexes = {r[1] for r in conn.execute("PRAGMA index_list(messages)")}
+    assert "messages_one_in_progress" in indexes
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_start_exchange_stores_both_messages_in_order(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    outcome = exchange(db, "chat_a", 1)
+    assert isinstance(outcome, Started)
+    assert outcome.user_message.role == "user" and outcome.user_message.status == "completed"
+    assert outcome.reply.status == "in_progress" and outcome.reply.model == "m"
+    assert isinstance(exchange(db, "chat_a", 2), Busy)
+    finish(db, "msg_a1")
+    assert isinstance(exchange(db, "chat_a", 2), Started)
+    messages, more = db.list_messages("chat_a", 10, None)
+    assert [m.id for m in messages] == ["msg_u1", "msg_a1", "msg_u2", "msg_a2"] and not more
+
+
+def test_start_exchange_on_a_missing_chat_is_none(db: Database) -> None:
+    assert exchange(db, "chat_missing", 1) is None
+
+
+def test_the_database_itself_allows_one_reply_in_progress_per_chat(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    exchange(db, "chat_a", 1)
+    with pytest.raises(sqlite3.IntegrityError), db.transaction() as tx:
+        tx.execute(
+            "INSERT INTO messages (id, chat_id, position, role, status, created_at)"
+            " VALUES ('msg_x', 'chat_a', 9, 'assistant', 'in_progress', 'now')"
+        )
+
+
+def test_concurrent_exchanges_from_threads_start_one(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda n=n: results.append(exchange(db, "chat_a", n)))
+        for n in range(10)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(isinstance(r, Started) for r in results) == 1
+    assert sum(isinstance(r, Busy) for r in results) == 9
+
+
+def test_idempotency_keys_replay_or_refuse(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    first = exchange(db, "chat_a", 1, key="k")
+    again = exchange(db, "chat_a", 2, key="k")
+    assert isinstance(first, Started) and isinstance(again, Replayed)
+    assert again.user_message == first.user_message and again.reply.id == first.reply.id
+    assert isinstance(exchange(db, "chat_a", 3, key="k", content="other"), KeyReused)
+
+
+def test_a_full_chat_refuses_more(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    outcome = db.start_exchange(
+        chat_id="chat_a",
+        user_message_id="u",
+        reply_id="a",
+        content="q",
+        model="m",
+        idempotency_key=None,
+        max_messages=1,
+    )
+    assert outcome == ChatFull(1)
+
+
+def test_list_chats_pages_and_unknown_cursor(db: Database) -> None:
+    for i in range(3):
+        db.create_chat(f"chat_{i}", None, None, "m")
+    page, more = db.list_chats(2, None)
+    assert [c.id for c in page] == ["chat_2", "chat_1"] and more
+    page, more = db.list_chats(2, "chat_1")
+    assert [c.id for c in page] == ["chat_0"] and not more
+    with pytest.raises(NotFoundError):
+        db.list_chats(2, "chat_nope")
+
+
+def test_update_chat_refuses_other_columns(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    with pytest.raises(ValueError):
+        db.update_chat("chat_a", {"model": "x"})
+    assert db.update_chat("chat_missing", {"title": "x"}) is None
+
+
+def test_delete_chat_cascades(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    exchange(db, "chat_a", 1, key="k")
+    assert db.delete_chat("chat_a") and not db.delete_chat("chat_a")
+    conn = db.connection()
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM idempotency_keys").fetchone()[0] == 0
+
+
+def test_checkpoint_then_recovery_keeps_the_text(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    exchange(db, "chat_a", 1)
+    db.checkpoint_reply("msg_a1", "partial text", [], 5)
+    assert db.recover_interrupted() == 1
+    state = db.get_reply_state("chat_a", "msg_a1")
+    assert state is not None
+    message, last_event_id = state
+    assert message.status == "incomplete" and message.content == "partial text"
+    assert message.error is not None and message.error.code == "server_restarted"
+    assert last_event_id == 6
+    assert db.recover_interrupted() == 0
+
+
+def test_search_finds_finished_messages_of_that_chat_only(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    db.create_chat("chat_b", None, None, "m")
+    exchange(db, "chat_a", 1, content="My cat is called Zanzibar")
+    finish(db, "msg_a1", "What a lovely name for a cat")
+    exchange(db, "chat_b", 2, content="Zanzibar is an island")
+    hits = db.search_messages("chat_a", "zanzibar", 5)
+    assert [h["message_id"] for h in hits] == ["msg_u1"]
+    assert "**Zanzibar**" in str(hits[0]["snippet"])
+    assert {h["message_id"] for h in db.search_messages("chat_a", "cat", 5)} == {"msg_u1", "msg_a1"}
+    # FTS5 syntax in the query is taken as plain words, never as an error.
+    hostile = db.search_messages("chat_a", 'cat" OR NEAR(', 5)
+    assert {h["message_id"] for h in hostile} == {"msg_u1", "msg_a1"}
+    assert db.search_messages("chat_a", "   ", 5) == []
+
+
+def test_search_skips_replies_in_progress_and_indexes_them_when_done(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    exchange(db, "chat_a", 1, content="first")
+    db.checkpoint_reply("msg_a1", "penguins everywhere", [], 2)
+    assert db.search_messages("chat_a", "penguins", 5) == []
+    finish(db, "msg_a1", "penguins everywhere")
+    assert [h["message_id"] for h in db.search_messages("chat_a", "penguins", 5)] == ["msg_a1"]
+    db.delete_chat("chat_a")
+    assert db.connection().execute("SELECT count(*) FROM messages_fts").fetchone()[0] == 0

@@ -1,0 +1,238 @@
+"""Unit tests of replies.py: the SSE wire bytes, the event log, and a reply's life in-process."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import pytest
+
+import llm
+from db import Database, Started
+from replies import Reply, ReplyConfig, ReplyRegistry, frame, model_frame
+from schemas import Chat, Message
+from tests.fake_openai import FakeOpenAI, ToolCall, text
+from tests.fake_openai import Reply as FakeReply
+
+STAMP = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
+
+
+def chat() -> Chat:
+    return Chat(
+        id="chat_x",
+        title="t",
+        system_prompt=None,
+        model="m",
+        created_at=STAMP,
+        updated_at=STAMP,
+    )
+
+
+def reply_message(content: str = "", status: str = "in_progress") -> Message:
+    return Message.model_validate(
+        {
+            "id": "msg_r",
+            "chat_id": "chat_x",
+            "role": "assistant",
+            "content": content,
+            "status": status,
+            "created_at": STAMP,
+            "completed_at": None,
+            "model": "m",
+            "finish_reason": None,
+            "usage": None,
+            "tool_calls": [],
+            "error": None,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "event_id", "wire"),
+    [
+        pytest.param(
+            "message.delta",
+            '{"message_id":"msg_r","delta":"Hi"}',
+            3,
+            b'id: 3\nevent: message.delta\ndata: {"message_id":"msg_r","delta":"Hi"}\n\n',
+            id="with-id",
+        ),
+        pytest.param(
+            "message.created",
+            "{}",
+            None,
+            b"event: message.created\ndata: {}\n\n",
+            id="without-id",
+        ),
+        pytest.param(
+            "message.delta",
+            '{"delta":"line\\nbreak é"}',
+            1,
+            'id: 1\nevent: message.delta\ndata: {"delta":"line\\nbreak é"}\n\n'.encode(),
+            id="escaped-newline-and-unicode",
+        ),
+    ],
+)
+def test_frame_wire_bytes(name: str, data: str, event_id: int | None, wire: bytes) -> None:
+    assert frame(name, data, event_id) == wire
+
+
+def test_model_frame_encodes_the_resource_itself() -> None:
+    wire = model_frame("message.done", reply_message("Hello!", "completed"), 7)
+    assert wire.startswith(b'id: 7\nevent: message.done\ndata: {"id":"msg_r","chat_id":"chat_x"')
+    assert b'"content":"Hello!","status":"completed"' in wire
+    assert b'"created_at":"2026-11-28T09:00:00Z"' in wire and wire.endswith(b"}\n\n")
+
+
+def test_delta_wire_bytes_match_the_event_model() -> None:
+    reply = Reply(chat(), reply_message())
+    reply.append("message.created", reply_message().model_dump_json())
+    reply.add_text('say "hi"\n')
+    assert reply.encoded(1) == (
+        b'id: 2\nevent: message.delta\ndata: {"message_id":"msg_r","delta":"say \\"hi\\"\\n"}\n\n'
+    )
+
+
+def test_unread_deltas_merge_and_read_ones_are_sealed() -> None:
+    reply = Reply(chat(), reply_message())
+    reply.add_text("a")
+    reply.add_text("b")
+    assert reply.last_event_id == 1
+    first = reply.encoded(0)
+    reply.add_text("c")
+    assert reply.last_event_id == 2
+    assert reply.encoded(0) == first and b'"delta":"ab"' in first
+    assert b'"delta":"c"' in reply.encoded(1)
+    assert reply.content() == "abc"
+
+
+def test_follow_replays_then_waits_for_live_events() -> None:
+    async def main() -> list[bytes]:
+        reply = Reply(chat(), reply_message())
+        reply.append("message.created", "{}")
+        reply.add_text("x")
+        seen: list[bytes] = []
+
+        async def read() -> None:
+            async for data in reply.follow(0):
+                seen.append(data)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read)
+            await anyio.sleep(0.01)
+            reply.add_text("y")
+            await anyio.sleep(0.01)
+            reply.final = reply_message("xy", "completed")
+            reply.append("message.done", reply.final.model_dump_json())
+        return seen
+
+    seen = anyio.run(main)
+    assert [s.split(b"\n")[0] for s in seen] == [b"id: 1", b"id: 2", b"id: 3", b"id: 4"]
+    assert b'"delta":"y"' in seen[2]
+
+
+def test_follow_after_skips_what_the_client_saw() -> None:
+    async def main() -> list[bytes]:
+        reply = Reply(chat(), reply_message())
+        for name in ("message.created", "chat.updated"):
+            reply.append(name, "{}")
+        reply.final = reply_message("", "completed")
+        reply.append("message.done", "{}")
+        return [data async for data in reply.follow(2)]
+
+    assert anyio.run(main) == [b"id: 3\nevent: message.done\ndata: {}\n\n"]
+
+
+async def _run_one(
+    tmp_path: Path, fake: FakeOpenAI, script: FakeReply, **config: object
+) -> tuple[Message, list[bytes], Database]:
+    db = Database(tmp_path / "chat.db")
+    db.migrate()
+    stored = db.create_chat("chat_unit", "t", None, "gpt-4o-mini")
+    outcome = db.start_exchange(
+        chat_id=stored.id,
+        user_message_id="msg_u",
+        reply_id="msg_a",
+        content="hello",
+        model="gpt-4o-mini",
+        idempotency_key=None,
+        max_messages=100,
+    )
+    assert isinstance(outcome, Started)
+    fake.push(script)
+    client = llm.make_client(api_key="k", base_url=fake.base_url, timeout=5, max_retries=0)
+    settings = ReplyConfig(client=client, checkpoint_interval=0.05, **config)  # type: ignore[arg-type]
+    seen: list[bytes] = []
+    async with anyio.create_task_group() as group:
+        registry = ReplyRegistry(db, settings, group)
+        reply = registry.start(stored, outcome.reply)
+
+        async def collect(frames: AsyncIterator[bytes]) -> None:
+            async for data in frames:
+                seen.append(data)
+
+        group.start_soon(collect, reply.follow(0))
+        await reply.done.wait()
+    await client.close()
+    assert reply.final is not None
+    return reply.final, seen, db
+
+
+def test_a_reply_is_streamed_and_stored(tmp_path: Path, fake: FakeOpenAI) -> None:
+    final, seen, db = anyio.run(_run_one, tmp_path, fake, text("One two three", pieces=3))
+    assert final.status == "completed" and final.content == "One two three"
+    assert db.get_message("chat_unit", "msg_a") == final
+    assert seen[0].startswith(b"id: 1\nevent: message.created\n")
+    assert seen[-1].startswith(f"id: {len(seen)}\nevent: message.done\n".encode())
+    db.close()
+
+
+def test_a_checkpoint_saves_text_while_the_reply_runs(tmp_path: Path, fake: FakeOpenAI) -> None:
+    async def main() -> tuple[str, str]:
+        db = Database(tmp_path / "chat.db")
+        db.migrate()
+        stored = db.create_chat("chat_cp", "t", None, "gpt-4o-mini")
+        outcome = db.start_exchange(
+            chat_id=stored.id,
+            user_message_id="msg_u",
+            reply_id="msg_a",
+            content="hello",
+            model="gpt-4o-mini",
+            idempotency_key=None,
+            max_messages=100,
+        )
+        assert isinstance(outcome, Started)
+        fake.push(FakeReply(chunks=[f"p{i} " for i in range(30)], delay=0.02))
+        client = llm.make_client(api_key="k", base_url=fake.base_url, timeout=5, max_retries=0)
+        config = ReplyConfig(client=client, checkpoint_interval=0.05)
+        async with anyio.create_task_group() as group:
+            registry = ReplyRegistry(db, config, group)
+            reply = registry.start(stored, outcome.reply)
+            await anyio.sleep(0.3)
+            mid = db.get_message("chat_cp", "msg_a")
+            await reply.done.wait()
+        await client.close()
+        assert mid is not None and mid.status == "in_progress"
+        final = db.get_message("chat_cp", "msg_a")
+        assert final is not None
+        db.close()
+        return mid.content, final.content
+
+    mid, final = anyio.run(main)
+    assert mid.startswith("p0 p1 ") and len(mid) < len(final)
+    assert final == "".join(f"p{i} " for i in range(30))
+
+
+def test_the_round_limit_ends_the_reply_incomplete(tmp_path: Path, fake: FakeOpenAI) -> None:
+    loop = FakeReply(tool_calls=[ToolCall("calculate", '{"expression": "1+1"}')])
+    fake.default = loop
+    final, seen, db = anyio.run(
+        functools.partial(_run_one, max_tool_rounds=2), tmp_path, fake, loop
+    )
+    assert final.status == "incomplete"
+    assert final.error is not None and final.error.code == "tool_rounds_exceeded"
+    assert len(final.tool_calls) == 2 and all(c.result == 2 for c in final.tool_calls)
+    db.close()
