@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run check test fmt bench local-model
+.PHONY: run check test fmt bench local-model system-deps
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: $(VENV)/.installed
 	$(PY) -m uvicorn main:app --host $(HOST) --port $(PORT) --no-access-log
 
-check: $(VENV)/.installed
+check: $(VENV)/.installed system-deps
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(PY) -m mypy .
@@ -29,3 +29,7 @@ fmt: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench
+
+# Chromium (browser tests) and a compiler (local model); installs when root, else says what to run.
+system-deps:
+	@scripts/system-deps.sh || echo "warning: some tests will be skipped without those packages"

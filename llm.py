@@ -103,7 +103,8 @@ class ToolCallAccumulator:
             elif call_id:
                 call.id = call_id
             if function is not None:
-                if function.name:
+                # Some servers (llama-cpp-python) repeat the whole name on every fragment.
+                if function.name and function.name != call.name:
                     call.name += function.name
                 if function.arguments:
                     call.arguments += function.arguments

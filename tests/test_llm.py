@@ -68,6 +68,13 @@ def test_accumulator_copes_without_index() -> None:
     ]
 
 
+def test_accumulator_ignores_a_name_repeated_on_every_fragment() -> None:
+    calls = llm.ToolCallAccumulator()
+    calls.add([delta(0, "call_a", "calculate", '{"expression": ')])
+    calls.add([delta(0, "call_a", "calculate", '"1"}')])
+    assert [(c.name, c.arguments) for c in calls.finish()] == [("calculate", '{"expression": "1"}')]
+
+
 def test_system_message_uses_the_chats_prompt_else_the_servers() -> None:
     own = llm.system_message("Be a pirate.", "Server persona.", tools=True)
     assert own.startswith("Be a pirate.") and "Server persona." not in own
