@@ -7,7 +7,7 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -517,9 +517,10 @@ class Database:
             ).rowcount
 
     def search_messages(
-        self, chat_id: str, query: str, limit: int, exclude_id: str | None = None
+        self, chat_id: str, query: str, limit: int, exclude: Sequence[str] = ()
     ) -> list[dict[str, JsonValue]]:
-        """Full-text search over one chat's finished messages, best match first."""
+        """Full-text search over one chat's finished messages, best match first, leaving out
+        the messages in `exclude` (the exchange being written: the model has it already)."""
         # Each word becomes a quoted FTS5 string, so the user's text is never FTS5 syntax.
         terms = " OR ".join('"' + word.replace('"', '""') + '"' for word in query.split())
         if not terms:
@@ -530,9 +531,10 @@ class Database:
                 "SELECT m.id, m.role, m.created_at,"
                 " snippet(messages_fts, 0, '**', '**', '…', 24) AS snippet"
                 " FROM messages_fts JOIN messages m ON m.seq = messages_fts.rowid"
-                " WHERE messages_fts MATCH ? AND m.chat_id = ? AND m.id != ?"
+                " WHERE messages_fts MATCH ? AND m.chat_id = ?"
+                " AND m.id NOT IN (SELECT value FROM json_each(?))"
                 " ORDER BY bm25(messages_fts) LIMIT ?",
-                (terms, chat_id, exclude_id or "", limit),
+                (terms, chat_id, json.dumps(list(exclude)), limit),
             )
             .fetchall()
         )

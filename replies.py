@@ -271,10 +271,11 @@ class ReplyRegistry:
             tools=schemas,
             reserve_tokens=config.max_output_tokens or 1024,
         )
+        current = [reply.id, *(m.id for m in history[-1:] if m.role == "user")]
         context = tools.ToolContext(
             chat_id=chat.id,
             search_history=lambda query, limit: anyio.to_thread.run_sync(
-                self.db.search_messages, chat.id, query, limit, reply.id
+                self.db.search_messages, chat.id, query, limit, current
             ),
             set_title=lambda title: self._set_title(reply, title),
         )
