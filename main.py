@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 import sqlite3
 import sys
@@ -13,11 +15,15 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
@@ -30,6 +36,8 @@ from schemas import (
     ChatCreate,
     ChatList,
     ChatUpdate,
+    Conflict,
+    ErrorBody,
     Message,
     MessageCreate,
     MessageList,
@@ -47,6 +55,12 @@ PAGE_HEADERS = {
 }
 
 
+DIGITS = re.compile(r"[0-9]{1,18}")
+# Headers a client may send, all names and values together; past it, 431. Browsers send a
+# few KB; uvicorn's httptools parser has no limit of its own (h11's is 16 KiB).
+MAX_HEADER_BYTES = 64 * 1024
+
+
 def new_id(prefix: str) -> str:
     """An opaque, URL-safe id with 128 random bits: knowing it is what gives access."""
     return f"{prefix}_{secrets.token_urlsafe(16)}"
@@ -59,8 +73,8 @@ def configure_logging(level: str) -> None:
 
 
 class RequestLog:
-    """Pure ASGI middleware: one log line per request, and the request body size limit
-    (413 before the body is read, whatever the route)."""
+    """Pure ASGI middleware: one log line per request, the request body size limit (413
+    before the body is read, whatever the route) and the header size limit (431)."""
 
     def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.app = app
@@ -80,7 +94,15 @@ class RequestLog:
             await send(message)
 
         try:
-            declared = dict(scope["headers"]).get(b"content-length")
+            headers = scope["headers"]
+            if sum(len(name) + len(value) + 4 for name, value in headers) > MAX_HEADER_BYTES:
+                response = JSONResponse(
+                    {"detail": f"The request headers are larger than {MAX_HEADER_BYTES} bytes."},
+                    431,
+                )
+                await response(scope, receive, send_logged)
+                return
+            declared = dict(headers).get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
                 response = JSONResponse(
                     {"detail": f"The request body is larger than {self.max_body} bytes."}, 413
@@ -167,6 +189,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     db.close()
 
 
+def _bytes_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app for these settings (the environment's by default)."""
     settings = settings or get_settings()
@@ -189,6 +215,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLog, max_body=settings.max_request_bytes)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, plus the limits that are settings (so clients and fuzzers see
+        them): the longest message, and the models a chat may use."""
+        if app.openapi_schema is None:
+            components = FastAPI.openapi(app)["components"]["schemas"]
+            content = components["MessageCreate"]["properties"]["content"]
+            content["maxLength"] = settings.max_message_chars
+            model = components["ChatCreate"]["properties"]["model"]
+            model["anyOf"] = [{"enum": settings.models}, {"type": "null"}]
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        # FastAPI answers 400 "There was an error parsing the body" when json.loads cannot
+        # even start (a body that is not UTF-8, or nested past the recursion limit); the
+        # contract says malformed JSON is 422, shaped like the other validation errors.
+        if error.status_code == 400 and isinstance(error.__cause__, ValueError | RecursionError):
+            message = "The body could not be read as JSON (not UTF-8, or nested too deep)."
+            detail = [{"type": "json_invalid", "loc": ["body"], "msg": message}]
+            return JSONResponse({"detail": detail}, 422)
+        return await http_exception_handler(request, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(request: Request, error: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes each error's `input` and made two kinds of it a 500:
+        # raw bytes that are not UTF-8 (a body sent as text/plain), and strings with lone
+        # surrogates (JSON allows "\ud800"), which UTF-8 cannot encode: ASCII JSON can.
+        detail = jsonable_encoder(error.errors(), custom_encoder={bytes: _bytes_text})
+        return Response(json.dumps({"detail": detail}), 422, media_type="application/json")
 
     @app.exception_handler(sqlite3.DatabaseError)
     async def storage_unavailable(request: Request, error: sqlite3.DatabaseError) -> Response:
@@ -278,7 +336,11 @@ async def reply_frames(
     message, last_event_id = state
     if message.status not in FINAL_STATUSES:
         # Written by another process: this one cannot follow it.
-        raise HTTPException(503, "This reply is being written by another server process.")
+        raise HTTPException(
+            503,
+            "This reply is being written by another server process.",
+            headers={"Retry-After": "5"},
+        )
     done_id = last_event_id or 1
     if after == done_id:
         return None
@@ -307,10 +369,98 @@ def wants_json(accept: str | None) -> bool:
 
 # Routes
 
+RETRY_AFTER = {"description": "Seconds to wait before trying again.", "schema": {"type": "string"}}
+ERRORS: dict[int, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "Unknown chat or message."},
+    409: {"model": Conflict, "description": "A reply is in progress, or the chat is full."},
+    413: {"model": ErrorBody, "description": "The body is larger than MAX_REQUEST_BYTES."},
+    503: {
+        "model": ErrorBody,
+        "description": "Busy (MAX_ACTIVE_REPLIES), shutting down, or storage unavailable.",
+        "headers": {"Retry-After": RETRY_AFTER | {"required": True}},
+    },
+}
+
+
+def sse_event(name: str, data: dict[str, Any], numbered: bool = True) -> dict[str, Any]:
+    """The OpenAPI schema of one SSE event: its name, JSON `data`, and numeric `id`."""
+    fields: dict[str, Any] = {
+        "event": {"const": name},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+    }
+    if numbered:
+        fields["id"] = {"type": "string", "pattern": "^[1-9][0-9]*$"}
+    return {"type": "object", "required": list(fields), "properties": fields}
+
+
+def ref(name: str) -> dict[str, str]:
+    """A reference to one of the document's schemas."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def event_data(**fields: dict[str, Any]) -> dict[str, Any]:
+    """An event's `data` object: `message_id` and these fields, nothing else."""
+    properties = {"message_id": {"type": "string"}, **fields}
+    return {
+        "type": "object",
+        "required": list(properties),
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+# Each event of a stream (OpenAPI 3.1 reads `schema` of an event stream as one event's).
+SSE_EVENT = {
+    "anyOf": [
+        # A POST's stream begins with the user message, which has no id.
+        sse_event("message.created", ref("Message"), numbered=False),
+        sse_event("message.created", ref("Message")),
+        sse_event("message.delta", event_data(delta={"type": "string"})),
+        sse_event(
+            "tool.call",
+            event_data(
+                tool_call={
+                    "type": "object",
+                    "required": ["id", "name", "arguments"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "name": {"type": "string"},
+                        "arguments": ref("JsonValue"),
+                    },
+                }
+            ),
+        ),
+        sse_event("tool.result", event_data(tool_call=ref("ToolCallRecord"))),
+        sse_event("chat.updated", ref("Chat")),
+        sse_event("message.done", ref("Message")),
+    ]
+}
+SSE = {"text/event-stream": {"schema": SSE_EVENT}}
+LOCATION_REQUIRED = {
+    "description": "Where to find it.",
+    "schema": {"type": "string"},
+    "required": True,
+}
+
+
+def errors(
+    *codes: int, success: dict[int | str, dict[str, Any]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """A route's documented answers: `success` ones, then the errors (every route can meet a
+    storage fault: 503)."""
+    return (success or {}) | {code: ERRORS[code] for code in (*codes, 503)}
+
+
 router = APIRouter()
 
 
-@router.post("/chats", status_code=201, response_model=Chat, tags=["chats"])
+@router.post(
+    "/chats",
+    status_code=201,
+    response_model=Chat,
+    tags=["chats"],
+    responses=errors(413, success={201: {"headers": {"Location": LOCATION_REQUIRED}}}),
+)
 async def create_chat(
     response: Response, db: DatabaseDep, settings: SettingsDep, body: ChatCreate | None = None
 ) -> Chat:
@@ -326,7 +476,7 @@ async def create_chat(
     return chat
 
 
-@router.get("/chats", tags=["chats"])
+@router.get("/chats", tags=["chats"], responses=errors(404))
 async def read_chats(db: DatabaseDep, limit: Limit = 20, after: str | None = None) -> ChatList:
     """List chats, newest created first; `after` (a chat id) starts the page after it."""
     try:
@@ -336,13 +486,13 @@ async def read_chats(db: DatabaseDep, limit: Limit = 20, after: str | None = Non
     return ChatList(data=chats, has_more=has_more)
 
 
-@router.get("/chats/{chat_id}", tags=["chats"])
+@router.get("/chats/{chat_id}", tags=["chats"], responses=errors(404))
 async def read_chat(chat: ChatDep) -> Chat:
     """One chat."""
     return chat
 
 
-@router.patch("/chats/{chat_id}", tags=["chats"])
+@router.patch("/chats/{chat_id}", tags=["chats"], responses=errors(404, 413))
 async def update_chat(chat: ChatDep, body: ChatUpdate, db: DatabaseDep) -> Chat:
     """Change a chat's `title` and/or `system_prompt` (`null` clears it)."""
     changes = body.model_dump(exclude_unset=True)
@@ -354,7 +504,7 @@ async def update_chat(chat: ChatDep, body: ChatUpdate, db: DatabaseDep) -> Chat:
     return updated
 
 
-@router.delete("/chats/{chat_id}", status_code=204, tags=["chats"])
+@router.delete("/chats/{chat_id}", status_code=204, tags=["chats"], responses=errors(404))
 async def delete_chat(chat: ChatDep, db: DatabaseDep, registry: RegistryDep) -> Response:
     """Delete a chat with all its messages; a reply in progress is cancelled first."""
     await registry.stop_chat(chat.id)
@@ -367,11 +517,20 @@ async def delete_chat(chat: ChatDep, db: DatabaseDep, registry: RegistryDep) -> 
     tags=["messages"],
     status_code=200,
     response_model=None,
-    responses={
-        200: {"content": {"text/event-stream": {}}, "description": "The reply's event stream."},
-        202: {"model": SendResult, "description": "Accepted (with `Accept: application/json`)."},
-        409: {"description": "The chat already has a reply in progress."},
-    },
+    response_class=EventSourceResponse,
+    responses=errors(
+        404,
+        409,
+        413,
+        success={
+            200: {"content": SSE, "description": "The reply's event stream."},
+            202: {
+                "model": SendResult,
+                "description": "Accepted (with `Accept: application/json`).",
+                "headers": {"Location": LOCATION_REQUIRED},
+            },
+        },
+    ),
 )
 async def create_message(
     chat: ChatDep,
@@ -451,7 +610,7 @@ async def create_message(
     return response
 
 
-@router.get("/chats/{chat_id}/messages", tags=["messages"])
+@router.get("/chats/{chat_id}/messages", tags=["messages"], responses=errors(404))
 async def read_messages(
     chat: ChatDep, db: DatabaseDep, limit: MessageLimit = 1000, after: str | None = None
 ) -> MessageList:
@@ -463,7 +622,7 @@ async def read_messages(
     return MessageList(data=messages, has_more=has_more)
 
 
-@router.get("/chats/{chat_id}/messages/{message_id}", tags=["messages"])
+@router.get("/chats/{chat_id}/messages/{message_id}", tags=["messages"], responses=errors(404))
 async def read_message(chat_id: str, message_id: str, db: DatabaseDep) -> Message:
     """One message."""
     message = await anyio.to_thread.run_sync(db.get_message, chat_id, message_id)
@@ -476,10 +635,14 @@ async def read_message(chat_id: str, message_id: str, db: DatabaseDep) -> Messag
     "/chats/{chat_id}/messages/{message_id}/stream",
     tags=["messages"],
     response_model=None,
-    responses={
-        200: {"content": {"text/event-stream": {}}, "description": "The reply's event stream."},
-        204: {"description": "The client has already seen the reply's last event."},
-    },
+    response_class=EventSourceResponse,
+    responses=errors(
+        404,
+        success={
+            200: {"content": SSE, "description": "The reply's event stream."},
+            204: {"description": "The client has already seen the reply's last event."},
+        },
+    ),
 )
 async def stream_reply(
     chat_id: str,
@@ -492,7 +655,8 @@ async def stream_reply(
     """(Re)attach to a reply's events: replayed from the start, or after `Last-Event-ID` (or
     `after`, which wins), then live until `message.done`. 204 once the last event was seen."""
     start = after
-    if start is None and last_event_id is not None and last_event_id.strip().isdigit():
+    # isdigit() alone lets "²" through, which int() refuses: only ASCII digits count.
+    if start is None and last_event_id is not None and DIGITS.fullmatch(last_event_id.strip()):
         start = int(last_event_id.strip())
     frames = await reply_frames(registry, db, chat_id, message_id, start or 0)
     if frames is None:
@@ -500,7 +664,9 @@ async def stream_reply(
     return event_stream(frames, registry)
 
 
-@router.post("/chats/{chat_id}/messages/{message_id}/cancel", tags=["messages"])
+@router.post(
+    "/chats/{chat_id}/messages/{message_id}/cancel", tags=["messages"], responses=errors(404)
+)
 async def cancel_reply(
     chat_id: str, message_id: str, db: DatabaseDep, registry: RegistryDep
 ) -> Message:
@@ -514,7 +680,7 @@ async def cancel_reply(
     return message
 
 
-@router.get("/healthz", tags=["service"])
+@router.get("/healthz", tags=["service"], responses=errors())
 async def read_health(db: DatabaseDep, registry: RegistryDep) -> dict[str, Any]:
     """The service and its database answer."""
     await anyio.to_thread.run_sync(db.ping)

@@ -3,15 +3,30 @@
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
 ChatId = Annotated[str, StringConstraints(pattern=r"^chat_[A-Za-z0-9_-]{16,64}$")]
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["in_progress", "completed", "incomplete", "failed", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-SystemPrompt = Annotated[str, StringConstraints(max_length=20_000)]
+
+def _unicode(value: str) -> str:
+    """JSON may spell lone surrogates ("\\ud800"); they are not text and UTF-8 cannot hold them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("Text must be valid Unicode (no lone surrogates).") from None
+    return value
+
+
+Unicode = AfterValidator(_unicode)
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"\S"),
+    Unicode,
+]
+SystemPrompt = Annotated[str, StringConstraints(max_length=20_000), Unicode]
 
 
 class Body(BaseModel):
@@ -25,7 +40,7 @@ class ChatCreate(Body):
 
     title: Title | None = None
     system_prompt: SystemPrompt | None = None
-    model: str | None = Field(default=None, max_length=200)
+    model: Annotated[str, StringConstraints(max_length=200), Unicode] | None = None
 
 
 class ChatUpdate(Body):
@@ -56,7 +71,8 @@ class ChatList(BaseModel):
 class MessageCreate(Body):
     """`POST /chats/{chat_id}/messages`: the user's message. Its length limit is a setting."""
 
-    content: str
+    # At least one character that is not whitespace.
+    content: Annotated[str, StringConstraints(min_length=1, pattern=r"\S"), Unicode]
 
 
 class Usage(BaseModel):
@@ -126,11 +142,18 @@ class SendResult(BaseModel):
     assistant_message: Message
 
 
-class ReplyInProgress(BaseModel):
-    """The 409 answer: the chat already has a reply in progress."""
+class ErrorBody(BaseModel):
+    """An error answer (404, 413, 503...): FastAPI's usual `{"detail": "..."}`."""
 
     detail: str
-    message_id: str
+
+
+class Conflict(BaseModel):
+    """The 409 answer: the chat already has a reply in progress (`message_id` names it), or
+    the chat is full (no `message_id`: retrying will not help, start a new chat)."""
+
+    detail: str
+    message_id: str | None = None
 
 
 # Stream events. `type` is the SSE `event:` name. On the wire, `data:` is the JSON of the
