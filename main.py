@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
@@ -110,6 +111,13 @@ class RequestLog:
                 await response(scope, receive, send_logged)
                 return
             await self.app(scope, self._limited(receive), send_logged)
+        except SendTimeoutError:
+            # STREAM_SEND_TIMEOUT: the client stopped reading. Its subscription is closed, the
+            # reply goes on; a warning, not a traceback, since the server did nothing wrong.
+            # (uvicorn then closes the connection, as the response was never completed.)
+            logger.warning(
+                "{} {}: client stopped reading; stream dropped", scope["method"], scope["path"]
+            )
         finally:
             logger.info(
                 "{} {} {} {:.1f}ms",
@@ -165,6 +173,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idle_timeout=settings.openai_stream_idle_timeout,
         max_reply_seconds=settings.max_reply_seconds,
         generate_titles=settings.generate_titles,
+        keep_finished_seconds=settings.keep_finished_seconds,
+        keep_finished_bytes=settings.keep_finished_bytes,
     )
     if not settings.tools_enabled:
         config.tools = {}
@@ -555,21 +565,27 @@ async def create_message(
         )
     if registry.closing:
         raise HTTPException(503, "The server is shutting down.", headers={"Retry-After": "5"})
-    if len(registry.active) >= settings.max_active_replies:
+    if len(registry.active) + registry.starting >= settings.max_active_replies:
         raise HTTPException(
             503, "Too many replies in progress; try again shortly.", headers={"Retry-After": "2"}
         )
-    outcome = await anyio.to_thread.run_sync(
-        lambda: db.start_exchange(
-            chat_id=chat.id,
-            user_message_id=new_id("msg"),
-            reply_id=new_id("msg"),
-            content=content,
-            model=chat.model,
-            idempotency_key=idempotency_key,
-            max_messages=settings.max_messages_per_chat,
+    # Hold a slot while the database works: sends that race each other all passed the check
+    # above before any of them started its reply, and overshot the limit.
+    registry.starting += 1
+    try:
+        outcome = await anyio.to_thread.run_sync(
+            lambda: db.start_exchange(
+                chat_id=chat.id,
+                user_message_id=new_id("msg"),
+                reply_id=new_id("msg"),
+                content=content,
+                model=chat.model,
+                idempotency_key=idempotency_key,
+                max_messages=settings.max_messages_per_chat,
+            )
         )
-    )
+    finally:
+        registry.starting -= 1  # no await from here to registry.start(): still atomic
     match outcome:
         case None:
             raise HTTPException(404, "Chat not found.")

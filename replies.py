@@ -165,6 +165,7 @@ class ReplyRegistry:
         self.config = config
         self.task_group = task_group
         self.active: dict[str, Reply] = {}
+        self.starting = 0  # sends between the MAX_ACTIVE_REPLIES check and start()
         self.finished: OrderedDict[str, Reply] = OrderedDict()
         self.closing = False
         self.shutdown_requested = anyio.Event()

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_active_replies: int = Field(default=1000, ge=1)
     max_reply_seconds: float = Field(default=600.0, gt=0)
     stream_send_timeout: float = Field(default=30.0, gt=0)
+    keep_finished_seconds: float = Field(default=300.0, ge=0)
+    keep_finished_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     log_level: str = "INFO"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
