@@ -92,6 +92,9 @@ class Reply:
     omit_index: bool = False
     fragment_size: int = 7
     usage: tuple[int, int] | None = None
+    # The error's `message` (of a `status` error, or an `error_after` one) instead of OpenAI's
+    # wording: say, one that quotes the API key, as some providers' do.
+    error_message: str | None = None
 
 
 def text(s: str, pieces: int = 3, delay: float = 0.0) -> Reply:
@@ -150,7 +153,9 @@ def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, math.ceil(chars / 4))
 
 
-def _error_body(status: int, model: str, message: str | None = None) -> bytes:
+def _error_body(
+    status: int, model: str, message: str | None = None, scripted: str | None = None
+) -> bytes:
     default_type = "server_error" if status >= 500 else "invalid_request_error"
     try:
         phrase = http.HTTPStatus(status).phrase
@@ -161,6 +166,8 @@ def _error_body(status: int, model: str, message: str | None = None) -> bytes:
         template, code = message, None
     else:
         template = template.replace("{model}", model)
+    if scripted is not None:  # a scripted error in other words: the code stays
+        template = scripted
     error = {"message": template, "type": kind, "param": None, "code": code}
     return _dumps({"error": error}).encode()
 
@@ -532,8 +539,10 @@ class FakeOpenAI:
         model: str,
         message: str | None = None,
         extra: dict[str, str] | None = None,
+        scripted: str | None = None,
     ) -> None:
-        await self._send_json(send, status, _error_body(status, model, message), extra or {})
+        body = _error_body(status, model, message, scripted)
+        await self._send_json(send, status, body, extra or {})
 
     async def _hang(self, call: _Call, send: Send, model: str) -> None:
         """Send nothing until the client goes away or the fake stops."""
@@ -555,10 +564,14 @@ class FakeOpenAI:
             return
         call.finished = True
         if reply.status != 200:
-            await self._send_error(send, reply.status, model, extra=reply.headers)
+            await self._send_error(
+                send, reply.status, model, extra=reply.headers, scripted=reply.error_message
+            )
             return
         if reply.error_after is not None:
-            await self._send_error(send, 500, model, extra=reply.headers)
+            await self._send_error(
+                send, 500, model, extra=reply.headers, scripted=reply.error_message
+            )
             return
         content = "".join(reply.chunks)
         ids = [c.id or f"call_{secrets.token_hex(12)}" for c in reply.tool_calls]
@@ -623,7 +636,9 @@ class FakeOpenAI:
             return
         if reply.status != 200:
             call.finished = True
-            await self._send_error(send, reply.status, model, extra=reply.headers)
+            await self._send_error(
+                send, reply.status, model, extra=reply.headers, scripted=reply.error_message
+            )
             return
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -654,7 +669,8 @@ class FakeOpenAI:
             if reply.stall_after is not None and reply.stall_after == limit:
                 await call.abort.wait()
             elif reply.error_after is not None and reply.error_after == limit:
-                await end(b"data: " + _error_body(500, model) + b"\n\n")
+                error = _error_body(500, model, scripted=reply.error_message)
+                await end(b"data: " + error + b"\n\n")
                 return
         if call.abort.is_set():
             if not call.gone:  # stopping: end the body cleanly, like a cut stream
