@@ -34,15 +34,6 @@ def message(client: httpx2.Client, chat_id: str, message_id: str) -> dict[str, A
     return data
 
 
-def wait_done(
-    client: httpx2.Client, chat_id: str, message_id: str, timeout: float = 15
-) -> dict[str, Any]:
-    assert wait_until(
-        lambda: message(client, chat_id, message_id)["status"] != "in_progress", timeout=timeout
-    )
-    return message(client, chat_id, message_id)
-
-
 def history(client: httpx2.Client, chat_id: str) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = client.get(f"/chats/{chat_id}/messages").json()["data"]
     return data
@@ -143,9 +134,7 @@ def test_max_reply_seconds_ends_the_reply_incomplete_keeping_its_text(
     fake.push(Reply(chunks=[f"w{i} " for i in range(100)], delay=0.05))  # about 5 s
     with service.client() as client:
         chat = make_chat(client)
-        started = time.monotonic()
         response, events = send(client, chat["id"], "go")
-        assert time.monotonic() - started < 4.5  # it did not wait for the whole reply
         done = events[-1]
         assert done.name == "message.done"
         final = done.message()
