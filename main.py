@@ -33,6 +33,7 @@ from db import Busy, ChatFull, Database, KeyReused, NotFoundError, Replayed, Sta
 from replies import Reply, ReplyConfig, ReplyRegistry, model_frame
 from schemas import (
     FINAL_STATUSES,
+    STREAM_EVENT_SCHEMA,
     Chat,
     ChatCreate,
     ChatList,
@@ -392,60 +393,7 @@ ERRORS: dict[int, dict[str, Any]] = {
 }
 
 
-def sse_event(name: str, data: dict[str, Any], numbered: bool = True) -> dict[str, Any]:
-    """The OpenAPI schema of one SSE event: its name, JSON `data`, and numeric `id`."""
-    fields: dict[str, Any] = {
-        "event": {"const": name},
-        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
-    }
-    if numbered:
-        fields["id"] = {"type": "string", "pattern": "^[1-9][0-9]*$"}
-    return {"type": "object", "required": list(fields), "properties": fields}
-
-
-def ref(name: str) -> dict[str, str]:
-    """A reference to one of the document's schemas."""
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def event_data(**fields: dict[str, Any]) -> dict[str, Any]:
-    """An event's `data` object: `message_id` and these fields, nothing else."""
-    properties = {"message_id": {"type": "string"}, **fields}
-    return {
-        "type": "object",
-        "required": list(properties),
-        "properties": properties,
-        "additionalProperties": False,
-    }
-
-
-# Each event of a stream (OpenAPI 3.1 reads `schema` of an event stream as one event's).
-SSE_EVENT = {
-    "anyOf": [
-        # A POST's stream begins with the user message, which has no id.
-        sse_event("message.created", ref("Message"), numbered=False),
-        sse_event("message.created", ref("Message")),
-        sse_event("message.delta", event_data(delta={"type": "string"})),
-        sse_event(
-            "tool.call",
-            event_data(
-                tool_call={
-                    "type": "object",
-                    "required": ["id", "name", "arguments"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "name": {"type": "string"},
-                        "arguments": ref("JsonValue"),
-                    },
-                }
-            ),
-        ),
-        sse_event("tool.result", event_data(tool_call=ref("ToolCallRecord"))),
-        sse_event("chat.updated", ref("Chat")),
-        sse_event("message.done", ref("Message")),
-    ]
-}
-SSE = {"text/event-stream": {"schema": SSE_EVENT}}
+SSE = {"text/event-stream": {"schema": STREAM_EVENT_SCHEMA}}
 LOCATION_REQUIRED = {
     "description": "Where to find it.",
     "schema": {"type": "string"},

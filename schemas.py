@@ -1,7 +1,7 @@
 """Pydantic models: request and response bodies, and the reply's stream events."""
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
@@ -214,3 +214,59 @@ StreamEvent = Annotated[
     | MessageDone,
     Field(discriminator="type"),
 ]
+
+
+def _sse_event(name: str, data: dict[str, Any], numbered: bool = True) -> dict[str, Any]:
+    """The OpenAPI schema of one SSE event: its name, JSON `data`, and numeric `id`."""
+    fields: dict[str, Any] = {
+        "event": {"const": name},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+    }
+    if numbered:
+        fields["id"] = {"type": "string", "pattern": "^[1-9][0-9]*$"}
+    return {"type": "object", "required": list(fields), "properties": fields}
+
+
+def _ref(name: str) -> dict[str, str]:
+    """A reference to one of the document's schemas."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _event_data(**fields: dict[str, Any]) -> dict[str, Any]:
+    """An event's `data` object: `message_id` and these fields, nothing else."""
+    properties = {"message_id": {"type": "string"}, **fields}
+    return {
+        "type": "object",
+        "required": list(properties),
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+# The OpenAPI schema of each event on the wire (OpenAPI 3.1 reads the `schema` of an event
+# stream as one event's): `event`, JSON `data` (the models above, by reference) and `id`.
+STREAM_EVENT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        # A POST's stream begins with the user message, which has no id.
+        _sse_event("message.created", _ref("Message"), numbered=False),
+        _sse_event("message.created", _ref("Message")),
+        _sse_event("message.delta", _event_data(delta={"type": "string"})),
+        _sse_event(
+            "tool.call",
+            _event_data(
+                tool_call={
+                    "type": "object",
+                    "required": ["id", "name", "arguments"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "name": {"type": "string"},
+                        "arguments": _ref("JsonValue"),
+                    },
+                }
+            ),
+        ),
+        _sse_event("tool.result", _event_data(tool_call=_ref("ToolCallRecord"))),
+        _sse_event("chat.updated", _ref("Chat")),
+        _sse_event("message.done", _ref("Message")),
+    ]
+}

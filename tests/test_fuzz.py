@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx2
+import jsonschema_rs
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks as st_checks
 
-from tests.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI, Reply, ToolCall
 from tests.support import Service, make_chat, send
 
 pytestmark = pytest.mark.e2e
@@ -366,3 +367,40 @@ def test_malformed_requests_are_4xx_or_closed(
     status = status_of(raw_request(shared_service, request))
     assert status is None or 400 <= status < 500, status
     assert client.get("/healthz").status_code == 200
+
+
+def test_every_kind_of_stream_event_matches_the_documented_schema(
+    client: httpx2.Client, fake: FakeOpenAI
+) -> None:
+    """The fuzzer's replies are plain text; this one has tool calls (one with arguments that
+    are not JSON) and a title change, so every event in the schema is checked."""
+    doc = client.get("/openapi.json").json()
+    variants = doc["paths"]["/chats/{chat_id}/messages"]["post"]["responses"]["200"]["content"][
+        "text/event-stream"
+    ]["schema"]["anyOf"]
+    chat = make_chat(client)
+    fake.push(
+        Reply(
+            chunks=["Let me see. "],
+            tool_calls=[
+                ToolCall("calculate", '{"expression": "6*7"}', id="call_1"),
+                ToolCall("calculate", "{not json", id="call_2"),
+                ToolCall("set_chat_title", '{"title": "Sums"}', id="call_3"),
+            ],
+        ),
+        Reply(chunks=["It is ", "42."]),
+    )
+    _, events = send(client, chat["id"], "what is 6 times 7?")
+    names = {e.name for e in events}
+    assert names == {"message.created", "message.delta", "tool.call", "tool.result"} | {
+        "chat.updated",
+        "message.done",
+    }
+    for event in events:
+        matching = [v for v in variants if v["properties"]["event"]["const"] == event.name]
+        numbered = [v for v in matching if ("id" in v["properties"]) == (event.id is not None)]
+        assert numbered, event
+        data_schema = numbered[0]["properties"]["data"]["contentSchema"]
+        validator = jsonschema_rs.validator_for({**data_schema, "components": doc["components"]})
+        errors = [e.message for e in validator.iter_errors(event.data)]
+        assert errors == [], (event.name, errors)
