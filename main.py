@@ -225,7 +225,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(RequestLog, max_body=settings.max_request_bytes)
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    if STATIC.is_dir():  # without it, StaticFiles answered every /static/... with a 500
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document, plus the limits that are settings (so clients and fuzzers see

@@ -404,3 +404,19 @@ def test_every_kind_of_stream_event_matches_the_documented_schema(
         validator = jsonschema_rs.validator_for({**data_schema, "components": doc["components"]})
         errors = [e.message for e in validator.iter_errors(event.data)]
         assert errors == [], (event.name, errors)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/static/%2e%2e/main.py", id="encoded-dots"),
+        pytest.param("/static/..%2Fmain.py", id="encoded-slash"),
+        pytest.param("/static/..%2F..%2F..%2Fetc%2Fpasswd", id="etc-passwd"),
+        pytest.param("/static/%00", id="nul"),
+        pytest.param("/static/no-such-file.js", id="missing"),
+    ],
+)
+def test_static_paths_outside_the_web_client_are_404(client: httpx2.Client, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 404, response.text[:200]
+    assert "import" not in response.text and "root:" not in response.text
