@@ -30,6 +30,11 @@ def frame(name: str, data: str, event_id: int | None = None) -> bytes:
     return f"{head}data: {data}\n\n".encode()
 
 
+def compact(value: Any) -> str:
+    """JSON as pydantic writes it: no spaces, UTF-8 as is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def model_frame(name: str, model: BaseModel, event_id: int | None = None) -> bytes:
     """An event whose data is a whole resource (a Message or a Chat)."""
     return frame(name, model.model_dump_json(), event_id)
@@ -360,10 +365,7 @@ class ReplyRegistry:
         request = ToolCallRequest(id=call.id, name=call.name, arguments=arguments)
         reply.append(
             "tool.call",
-            json.dumps(
-                {"message_id": reply.id, "tool_call": request.model_dump(mode="json")},
-                ensure_ascii=False,
-            ),
+            compact({"message_id": reply.id, "tool_call": request.model_dump(mode="json")}),
         )
         if cut:
             record = ToolCallRecord(
@@ -390,10 +392,7 @@ class ReplyRegistry:
         reply.dirty = True
         reply.append(
             "tool.result",
-            json.dumps(
-                {"message_id": reply.id, "tool_call": record.model_dump(mode="json")},
-                ensure_ascii=False,
-            ),
+            compact({"message_id": reply.id, "tool_call": record.model_dump(mode="json")}),
         )
         return record
 
