@@ -246,15 +246,18 @@ def invalid(location: list[str | int], message: str, kind: str = "value_error") 
     return HTTPException(422, [{"type": kind, "loc": location, "msg": message}])
 
 
-def event_stream(frames: AsyncIterator[bytes], registry: ReplyRegistry) -> EventSourceResponse:
-    """An SSE response: pings every 15 s, no caching, no proxy buffering; on shutdown the
-    registry ends replies, so streams get their `message.done` within the grace period."""
+def event_stream(
+    frames: AsyncIterator[bytes], registry: ReplyRegistry, settings: Settings
+) -> EventSourceResponse:
+    """An SSE response: pings every 15 s, no caching, no proxy buffering, a client that stops
+    reading is dropped after STREAM_SEND_TIMEOUT; on shutdown the registry ends replies, so
+    streams get their `message.done` within the grace period."""
     return EventSourceResponse(
         frames,
         ping=15,
         sep="\n",
         headers={"Cache-Control": "no-cache"},
-        send_timeout=get_settings().stream_send_timeout,
+        send_timeout=settings.stream_send_timeout,
         shutdown_event=registry.shutdown_requested,
         shutdown_grace_period=4,
     )
@@ -446,7 +449,7 @@ async def create_message(
         )
     frames = await reply_frames(registry, db, chat.id, reply_message.id, 0)
     assert frames is not None  # from the start there is always something to send
-    response = event_stream(with_user_message(user, frames), registry)
+    response = event_stream(with_user_message(user, frames), registry, settings)
     response.headers["Location"] = location
     return response
 
@@ -486,6 +489,7 @@ async def stream_reply(
     message_id: str,
     db: DatabaseDep,
     registry: RegistryDep,
+    settings: SettingsDep,
     after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -497,7 +501,7 @@ async def stream_reply(
     frames = await reply_frames(registry, db, chat_id, message_id, start or 0)
     if frames is None:
         return Response(status_code=204)
-    return event_stream(frames, registry)
+    return event_stream(frames, registry, settings)
 
 
 @router.post("/chats/{chat_id}/messages/{message_id}/cancel", tags=["messages"])
