@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import AppStatus
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
@@ -394,7 +395,9 @@ async def create_message(
             f"Content must be at most {settings.max_message_chars} characters.",
             "string_too_long",
         )
-    if registry.closing:
+    # uvicorn's SIGTERM handler sets AppStatus.should_exit at once (sse-starlette patches it
+    # in); the registry only hears of it when a stream notices, up to 0.5 s later.
+    if registry.closing or AppStatus.should_exit:
         raise HTTPException(503, "The server is shutting down.", headers={"Retry-After": "5"})
     if len(registry.active) >= settings.max_active_replies:
         raise HTTPException(
