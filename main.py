@@ -417,6 +417,11 @@ async def create_message(
     match outcome:
         case None:
             raise HTTPException(404, "Chat not found.")
+        case Busy(reply_id=reply_id) if reply_id in registry.unsaved:
+            # That reply has ended, but storage failed as it did: not a reply in progress.
+            raise HTTPException(
+                503, "Storage is unavailable; try again shortly.", headers={"Retry-After": "5"}
+            )
         case Busy(reply_id=reply_id):
             return JSONResponse(
                 {
@@ -517,10 +522,18 @@ async def cancel_reply(
     return message
 
 
-@router.get("/healthz", tags=["service"])
+@router.get(
+    "/healthz",
+    tags=["service"],
+    responses={503: {"description": "The database cannot be read or written just now."}},
+)
 async def read_health(db: DatabaseDep, registry: RegistryDep) -> dict[str, Any]:
-    """The service and its database answer."""
-    await anyio.to_thread.run_sync(db.ping)
+    """The service and its database answer, and the database can be written."""
+    problem = await anyio.to_thread.run_sync(lambda: db.ping() and db.write_problem())
+    if problem:
+        raise HTTPException(
+            503, f"Storage is unavailable: {problem}.", headers={"Retry-After": "5"}
+        )
     return {"status": "ok", "database": "ok", "active_replies": len(registry.active)}
 
 
