@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -233,9 +234,17 @@ class Database:
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors (a full disk, an I/O error); a second
+            # ROLLBACK would raise and hide the real error.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close every thread's connection."""
@@ -269,6 +278,20 @@ class Database:
         """The database answers a query."""
         row = self.connection().execute("SELECT 1").fetchone()
         return row is not None and row[0] == 1
+
+    def write_problem(self, min_free_bytes: int = 1024 * 1024) -> str | None:
+        """Why a write would fail now (the file or its directory cannot be written, or the
+        disk is all but full), or None. Cheap: a few system calls, no write of its own."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        for path in (self.path, wal, self.path.parent):
+            # Checked as the kernel sees it: chmod, read-only mounts, and `chattr +i`,
+            # which stops even root.
+            if path.exists() and not os.access(path, os.W_OK):
+                return f"{path.name} is not writable"
+        stats = os.statvfs(self.path.parent)
+        if stats.f_bavail * stats.f_frsize < min_free_bytes:
+            return "the disk is full"
+        return None
 
     # Chats
 
@@ -485,8 +508,10 @@ class Database:
         tool_calls: list[dict[str, JsonValue]],
         error: dict[str, str] | None,
         last_event_id: int,
+        completed_at: str | None = None,
     ) -> Message | None:
-        """Store a reply's final state; None if it is gone (its chat was deleted)."""
+        """Store a reply's final state (ended now, unless `completed_at` says when); None if
+        it is gone (its chat was deleted)."""
         with self.transaction() as tx:
             tx.execute(
                 "UPDATE messages SET status = ?, content = ?, finish_reason = ?, usage = ?,"
@@ -498,7 +523,7 @@ class Database:
                     _dump(usage),
                     json.dumps(tool_calls, ensure_ascii=False),
                     _dump(error),
-                    now(),
+                    completed_at or now(),
                     last_event_id,
                     message_id,
                 ),

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import AppStatus
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
@@ -397,7 +398,9 @@ async def create_message(
             f"Content must be at most {settings.max_message_chars} characters.",
             "string_too_long",
         )
-    if registry.closing:
+    # uvicorn's SIGTERM handler sets AppStatus.should_exit at once (sse-starlette patches it
+    # in); the registry only hears of it when a stream notices, up to 0.5 s later.
+    if registry.closing or AppStatus.should_exit:
         raise HTTPException(503, "The server is shutting down.", headers={"Retry-After": "5"})
     if len(registry.active) >= settings.max_active_replies:
         raise HTTPException(
@@ -417,6 +420,11 @@ async def create_message(
     match outcome:
         case None:
             raise HTTPException(404, "Chat not found.")
+        case Busy(reply_id=reply_id) if reply_id in registry.unsaved:
+            # That reply has ended, but storage failed as it did: not a reply in progress.
+            raise HTTPException(
+                503, "Storage is unavailable; try again shortly.", headers={"Retry-After": "5"}
+            )
         case Busy(reply_id=reply_id):
             return JSONResponse(
                 {
@@ -518,10 +526,18 @@ async def cancel_reply(
     return message
 
 
-@router.get("/healthz", tags=["service"])
+@router.get(
+    "/healthz",
+    tags=["service"],
+    responses={503: {"description": "The database cannot be read or written just now."}},
+)
 async def read_health(db: DatabaseDep, registry: RegistryDep) -> dict[str, Any]:
-    """The service and its database answer."""
-    await anyio.to_thread.run_sync(db.ping)
+    """The service and its database answer, and the database can be written."""
+    problem = await anyio.to_thread.run_sync(lambda: db.ping() and db.write_problem())
+    if problem:
+        raise HTTPException(
+            503, f"Storage is unavailable: {problem}.", headers={"Retry-After": "5"}
+        )
     return {"status": "ok", "database": "ok", "active_replies": len(registry.active)}
 
 
