@@ -287,14 +287,15 @@ async def stream_turn(
     if max_tokens is not None:
         extra["max_tokens"] = max_tokens
     try:
-        with anyio.fail_after(idle_timeout):
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=list(messages),
-                stream=True,
-                stream_options={"include_usage": True},
-                **extra,
-            )
+        # No deadline of ours here: the SDK's own timeout bounds each attempt, and its retries
+        # wait as long as the provider's Retry-After asks (a 429 must end as rate_limited).
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=list(messages),
+            stream=True,
+            stream_options={"include_usage": True},
+            **extra,
+        )
     except Exception as error:
         raise translate_error(error, client) from error
     calls = ToolCallAccumulator()

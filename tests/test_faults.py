@@ -100,7 +100,9 @@ def test_retries_stop_after_the_configured_number(
 
 
 def test_retry_after_from_a_429_is_honoured(retrying: httpx2.Client, fake: FakeOpenAI) -> None:
-    fake.push(Reply(status=429, headers={"Retry-After": "1"}), text("After waiting"))
+    # Longer than the stream's idle timeout (2 s in tests): waiting as the provider asked is
+    # not a stalled stream, and must not end the reply as a timeout.
+    fake.push(Reply(status=429, headers={"Retry-After": "2.5"}), text("After waiting"))
     chat = make_chat(retrying)
     started = time.monotonic()
     _, events = send(retrying, chat["id"], "go")
@@ -108,7 +110,7 @@ def test_retry_after_from_a_429_is_honoured(retrying: httpx2.Client, fake: FakeO
     assert the_done(events)["content"] == "After waiting"
     assert len(fake.requests) == 2
     # Not a speed check: the retry must not come before the provider said it may.
-    assert waited >= 1.0
+    assert waited >= 2.5
 
 
 @pytest.mark.parametrize(
