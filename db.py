@@ -183,6 +183,27 @@ MESSAGE_COLUMNS = (
 )
 
 
+def _iso_sql(column: str) -> str:
+    """SQL rendering a stored timestamp (`now()`'s form, +00:00) as pydantic writes it."""
+    return (
+        f"CASE WHEN {column} IS NULL THEN NULL"
+        f" WHEN substr({column}, 20, 7) = '.000000' THEN substr({column}, 1, 19) || 'Z'"
+        f" ELSE replace({column}, '+00:00', 'Z') END"
+    )
+
+
+# A message as JSON, field for field as pydantic's Message.model_dump_json writes it.
+MESSAGE_JSON = (
+    "json_object('id', id, 'chat_id', chat_id, 'role', role, 'content', content,"
+    f" 'status', status, 'created_at', {_iso_sql('created_at')},"
+    f" 'completed_at', {_iso_sql('completed_at')}, 'model', model,"
+    " 'finish_reason', finish_reason, 'usage', json(usage),"
+    " 'tool_calls', CASE WHEN tool_calls = '[]' THEN json('[]') ELSE"
+    " (SELECT json_group_array(json_remove(value, '$.text_offset')) FROM json_each(tool_calls))"
+    " END, 'error', json(error))"
+)
+
+
 def _chat(row: sqlite3.Row) -> Chat:
     return Chat.model_validate(dict(row))
 
@@ -455,6 +476,36 @@ class Database:
             (chat_id, start, limit + 1),
         ).fetchall()
         return [_message(r) for r in rows[:limit]], len(rows) > limit
+
+    def list_messages_json(self, chat_id: str, limit: int, after: str | None) -> bytes:
+        """`list_messages` as the JSON body of a MessageList, built by SQLite in one query:
+        10,000 pydantic models (and FastAPI validating them again) took ~0.5 s. The bytes are
+        those pydantic writes (timestamps in its `Z` form, `text_offset` left out)."""
+        conn = self.connection()
+        start = -1
+        if after is not None:
+            found = conn.execute(
+                "SELECT position FROM messages WHERE id = ? AND chat_id = ?", (after, chat_id)
+            ).fetchone()
+            if found is None:
+                raise NotFoundError(f"No message {after!r} in this chat to page after.")
+            start = found[0]
+        data: str = conn.execute(
+            # group_concat, not json_group_array: that one parses every object again.
+            "SELECT '[' || coalesce(group_concat(m, ','), '') || ']' FROM"
+            f" (SELECT {MESSAGE_JSON} AS m FROM messages"
+            " WHERE chat_id = ? AND position > ? ORDER BY position LIMIT ?)",
+            (chat_id, start, limit),
+        ).fetchone()[0]
+        has_more = (
+            conn.execute(
+                "SELECT 1 FROM messages WHERE chat_id = ? AND position > ?"
+                " ORDER BY position LIMIT 1 OFFSET ?",
+                (chat_id, start, limit),
+            ).fetchone()
+            is not None
+        )
+        return f'{{"data":{data},"has_more":{"true" if has_more else "false"}}}'.encode()
 
     def history(self, chat_id: str, before_message_id: str) -> list[Message]:
         """Every message of the chat before the given one, oldest first (the prompt's history)."""
