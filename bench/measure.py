@@ -277,17 +277,18 @@ def concurrent(
     the service's peak RSS meanwhile."""
     expected = round(seconds * 20)
     shares = [streams // procs + (1 if i < streams % procs else 0) for i in range(procs)]
+    outputs = [service.dir / f"worker-{i}.json" for i in range(procs)]
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "bench.worker", "--port", str(service.port)]
             + ["--streams", str(share), "--ramp", str(ramp), "--expected", str(expected)]
-            + ["--timeout", str(seconds * 3 + ramp + 30), "--uvloop"],
+            + ["--timeout", str(seconds * 3 + ramp + 30), "--uvloop", "--output", str(out)],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
-        for share in shares
+        for share, out in zip(shares, outputs, strict=True)
         if share
     ]
     for worker in workers:
@@ -306,7 +307,7 @@ def concurrent(
         time.sleep(0.1)
     elapsed = time.monotonic() - begin
     cpu = cpu_seconds(service.pid) - cpu_before
-    results = [json.loads((w.stdout.read() if w.stdout else "").strip() or "{}") for w in workers]
+    results = [json.loads(out.read_text()) if out.exists() else {} for out in outputs]
     lateness = [x for r in results for x in r.get("lateness_ms", [])]
     errors = sum(r.get("errors", streams) for r in results)
     samples = [s for r in results for s in r.get("error_samples", [])]

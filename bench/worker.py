@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.client import Connection, create_chat
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--expected", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--output", type=Path, required=True, help="where the JSON goes")
     args = parser.parse_args()
     coro = run(args.port, args.streams, args.ramp, args.expected, args.timeout)
     if args.uvloop:
@@ -92,7 +94,8 @@ def main() -> None:
         result = uvloop.run(coro)
     else:
         result = asyncio.run(coro)
-    print(json.dumps(result), flush=True)
+    # A file, not stdout: the parent reads it after the exit, and a pipe would fill first.
+    args.output.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
