@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run check test fmt bench local-model system-deps
+.PHONY: run check test fmt bench screenshot system-deps
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -33,3 +33,7 @@ bench: $(VENV)/.installed
 # Chromium (browser tests) and a compiler (local model); installs when root, else says what to run.
 system-deps:
 	@scripts/system-deps.sh || echo "warning: some tests will be skipped without those packages"
+
+# Rewrite docs/screenshot.png from a real browser session (the README shows it).
+screenshot: $(VENV)/.installed
+	UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/test_browser.py -k screenshot

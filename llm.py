@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx2
 import openai
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam
 from pydantic import JsonValue
 
 from schemas import Message, ToolCallRecord, Usage
@@ -81,6 +82,11 @@ class TurnEnd:
     usage: Usage | None
 
 
+def _field(obj: Any, name: str) -> Any:
+    """A field of a delta: a dict from the raw stream, or an SDK object."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
 @dataclass
 class ToolCallAccumulator:
     """Joins tool-call deltas by `index`: the first fragment of a call carries its id and
@@ -92,9 +98,9 @@ class ToolCallAccumulator:
     def add(self, deltas: Iterable[Any]) -> None:
         """Fold one chunk's `delta.tool_calls` in."""
         for delta in deltas:
-            index = getattr(delta, "index", None)
-            call_id = getattr(delta, "id", None)
-            function = getattr(delta, "function", None)
+            index = _field(delta, "index")
+            call_id = _field(delta, "id")
+            function = _field(delta, "function")
             if index is None:
                 index = len(self.calls) if call_id or not self.calls else max(self.calls)
             call = self.calls.get(index)
@@ -103,11 +109,12 @@ class ToolCallAccumulator:
             elif call_id:
                 call.id = call_id
             if function is not None:
+                name, arguments = _field(function, "name"), _field(function, "arguments")
                 # Some servers (llama-cpp-python) repeat the whole name on every fragment.
-                if function.name and function.name != call.name:
-                    call.name += function.name
-                if function.arguments:
-                    call.arguments += function.arguments
+                if name and name != call.name:
+                    call.name += name
+                if arguments:
+                    call.arguments += arguments
 
     def finish(self) -> list[AccumulatedCall]:
         """The calls in index order."""
@@ -247,9 +254,9 @@ def translate_error(error: BaseException, client: AsyncOpenAI) -> LLMError:
     """The SDK's exceptions as our one error type (timeout first: it is a connection error)."""
     if isinstance(error, LLMError):
         return error
-    if isinstance(error, openai.APITimeoutError | TimeoutError):
+    if isinstance(error, openai.APITimeoutError | TimeoutError | httpx2.TimeoutException):
         return LLMError("timeout", "The model's provider did not answer in time.")
-    if isinstance(error, openai.APIConnectionError):
+    if isinstance(error, openai.APIConnectionError | httpx2.TransportError):
         return LLMError("connection_error", "Could not reach the model's provider.")
     if isinstance(error, openai.RateLimitError):
         retry = error.response.headers.get("retry-after")
@@ -270,6 +277,23 @@ def translate_error(error: BaseException, client: AsyncOpenAI) -> LLMError:
     )
 
 
+def sse_data(event: bytes) -> bytes | None:
+    """The `data:` of one server-sent event (lines joined), or None if it has none."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]  # the usual case: one data line
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line[:5] == b"data:"]
+    return b"\n".join(lines) if lines else None
+
+
+def stream_error(error: Any, client: AsyncOpenAI) -> LLMError:
+    """An error object sent in the middle of a stream (the SDK raises APIError for it)."""
+    message = error.get("message") if isinstance(error, dict) else None
+    if not message or not isinstance(message, str):
+        message = "An error occurred during streaming"
+    detail = _scrub(message, client)
+    return LLMError("provider_error", f"The model's provider reported an error: {detail}")
+
+
 async def stream_turn(
     client: AsyncOpenAI,
     *,
@@ -286,49 +310,75 @@ async def stream_turn(
         extra["tools"] = list(tools)
     if max_tokens is not None:
         extra["max_tokens"] = max_tokens
+    # The SDK makes the request (auth, retries before the first byte, status errors), but the
+    # stream is read raw: building its pydantic chunk models was most of the CPU per chunk.
+    manager = client.chat.completions.with_streaming_response.create(
+        model=model,
+        messages=list(messages),
+        stream=True,
+        stream_options={"include_usage": True},
+        **extra,
+    )
     try:
-        with anyio.fail_after(idle_timeout):
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=list(messages),
-                stream=True,
-                stream_options={"include_usage": True},
-                **extra,
-            )
+        # No deadline of ours here: the SDK's own timeout bounds each attempt, and its retries
+        # wait as long as the provider's Retry-After asks (a 429 must end as rate_limited).
+        response = await manager.__aenter__()
     except Exception as error:
         raise translate_error(error, client) from error
     calls = ToolCallAccumulator()
     finish_reason: str | None = None
     usage: Usage | None = None
     try:
-        chunks = aiter(stream)
-        while True:
+        reads = response.http_response.aiter_bytes()
+        buffer = b""
+        done = False
+        while not done:
             try:
-                # The SDK's read timeout is per read; this bounds the wait for a whole chunk.
+                # The SDK's read timeout is per socket read; this bounds the wait for data.
                 with anyio.fail_after(idle_timeout):
-                    chunk: ChatCompletionChunk = await anext(chunks)
+                    data = await anext(reads)
             except StopAsyncIteration:
                 break
-            if chunk.usage is not None:
-                usage = Usage(
-                    prompt_tokens=chunk.usage.prompt_tokens,
-                    completion_tokens=chunk.usage.completion_tokens,
-                    total_tokens=chunk.usage.total_tokens,
-                )
-            for choice in chunk.choices:
-                delta = choice.delta
-                if delta.content:
-                    yield TextDelta(delta.content)
-                if delta.tool_calls:
-                    calls.add(delta.tool_calls)
-                if choice.finish_reason:
-                    finish_reason = choice.finish_reason
+            buffer += data
+            if b"\r" in buffer:  # CRLF line ends, possibly split across two reads
+                buffer = buffer.replace(b"\r\n", b"\n")
+            if b"\n\n" not in buffer:
+                continue
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                payload = sse_data(event)
+                if payload is None:
+                    continue
+                if payload.startswith(b"[DONE]"):
+                    done = True
+                    break
+                chunk = json.loads(payload)
+                if not isinstance(chunk, dict):
+                    continue
+                if chunk.get("error"):
+                    raise stream_error(chunk["error"], client)
+                if chunk.get("usage"):
+                    counted = chunk["usage"]
+                    usage = Usage(
+                        prompt_tokens=counted["prompt_tokens"],
+                        completion_tokens=counted["completion_tokens"],
+                        total_tokens=counted["total_tokens"],
+                    )
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content")
+                    if content:
+                        yield TextDelta(content)
+                    if delta.get("tool_calls"):
+                        calls.add(delta["tool_calls"])
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
     except Exception as error:
         raise translate_error(error, client) from error
     finally:
         # Shielded: a cancelled reply must still close the socket, or billing goes on.
         with anyio.move_on_after(5, shield=True):
-            await stream.close()
+            await manager.__aexit__(None, None, None)
     if finish_reason is None:
         raise LLMError("stream_interrupted", "The model's stream ended before the reply did.")
     yield TurnEnd(finish_reason, calls.finish(), usage)

@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from sse_starlette import EventSourceResponse
-from sse_starlette.sse import SendTimeoutError
+from sse_starlette.sse import AppStatus, SendTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
@@ -316,15 +316,18 @@ def invalid(location: list[str | int], message: str, kind: str = "value_error") 
     return HTTPException(422, [{"type": kind, "loc": location, "msg": message}])
 
 
-def event_stream(frames: AsyncIterator[bytes], registry: ReplyRegistry) -> EventSourceResponse:
-    """An SSE response: pings every 15 s, no caching, no proxy buffering; on shutdown the
-    registry ends replies, so streams get their `message.done` within the grace period."""
+def event_stream(
+    frames: AsyncIterator[bytes], registry: ReplyRegistry, settings: Settings
+) -> EventSourceResponse:
+    """An SSE response: pings every 15 s, no caching, no proxy buffering, a client that stops
+    reading is dropped after STREAM_SEND_TIMEOUT; on shutdown the registry ends replies, so
+    streams get their `message.done` within the grace period."""
     return EventSourceResponse(
         frames,
         ping=15,
         sep="\n",
         headers={"Cache-Control": "no-cache"},
-        send_timeout=get_settings().stream_send_timeout,
+        send_timeout=settings.stream_send_timeout,
         shutdown_event=registry.shutdown_requested,
         shutdown_grace_period=4,
     )
@@ -512,7 +515,9 @@ async def create_message(
             f"Content must be at most {settings.max_message_chars} characters.",
             "string_too_long",
         )
-    if registry.closing:
+    # uvicorn's SIGTERM handler sets AppStatus.should_exit at once (sse-starlette patches it
+    # in); the registry only hears of it when a stream notices, up to 0.5 s later.
+    if registry.closing or AppStatus.should_exit:
         raise HTTPException(503, "The server is shutting down.", headers={"Retry-After": "5"})
     if len(registry.active) + registry.starting >= settings.max_active_replies:
         raise HTTPException(
@@ -538,6 +543,11 @@ async def create_message(
     match outcome:
         case None:
             raise HTTPException(404, "Chat not found.")
+        case Busy(reply_id=reply_id) if reply_id in registry.unsaved:
+            # That reply has ended, but storage failed as it did: not a reply in progress.
+            raise HTTPException(
+                503, "Storage is unavailable; try again shortly.", headers={"Retry-After": "5"}
+            )
         case Busy(reply_id=reply_id):
             return JSONResponse(
                 {
@@ -570,21 +580,27 @@ async def create_message(
         )
     frames = await reply_frames(registry, db, chat.id, reply_message.id, 0)
     assert frames is not None  # from the start there is always something to send
-    response = event_stream(with_user_message(user, frames), registry)
+    response = event_stream(with_user_message(user, frames), registry, settings)
     response.headers["Location"] = location
     return response
 
 
-@router.get("/chats/{chat_id}/messages", tags=["messages"], responses=errors(404))
+@router.get(
+    "/chats/{chat_id}/messages",
+    tags=["messages"],
+    response_model=MessageList,
+    responses=errors(404),
+)
 async def read_messages(
     chat: ChatDep, db: DatabaseDep, limit: MessageLimit = 1000, after: str | None = None
-) -> MessageList:
+) -> Response:
     """The chat's history, oldest first; `after` (a message id) starts the page after it."""
+    # SQLite writes the body (the MessageList's exact JSON): no models to build and validate.
     try:
-        messages, has_more = await anyio.to_thread.run_sync(db.list_messages, chat.id, limit, after)
+        body = await anyio.to_thread.run_sync(db.list_messages_json, chat.id, limit, after)
     except NotFoundError as error:
         raise HTTPException(404, str(error)) from error
-    return MessageList(data=messages, has_more=has_more)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/chats/{chat_id}/messages/{message_id}", tags=["messages"], responses=errors(404))
@@ -614,6 +630,7 @@ async def stream_reply(
     message_id: str,
     db: DatabaseDep,
     registry: RegistryDep,
+    settings: SettingsDep,
     after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -626,7 +643,7 @@ async def stream_reply(
     frames = await reply_frames(registry, db, chat_id, message_id, start or 0)
     if frames is None:
         return Response(status_code=204)
-    return event_stream(frames, registry)
+    return event_stream(frames, registry, settings)
 
 
 @router.post(
@@ -647,8 +664,12 @@ async def cancel_reply(
 
 @router.get("/healthz", tags=["service"], responses=errors())
 async def read_health(db: DatabaseDep, registry: RegistryDep) -> dict[str, Any]:
-    """The service and its database answer."""
-    await anyio.to_thread.run_sync(db.ping)
+    """The service and its database answer, and the database can be written."""
+    problem = await anyio.to_thread.run_sync(lambda: db.ping() and db.write_problem())
+    if problem:
+        raise HTTPException(
+            503, f"Storage is unavailable: {problem}.", headers={"Retry-After": "5"}
+        )
     return {"status": "ok", "database": "ok", "active_replies": len(registry.active)}
 
 

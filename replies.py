@@ -30,6 +30,11 @@ def frame(name: str, data: str, event_id: int | None = None) -> bytes:
     return f"{head}data: {data}\n\n".encode()
 
 
+def compact(value: Any) -> str:
+    """JSON as pydantic writes it: no spaces, UTF-8 as is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def model_frame(name: str, model: BaseModel, event_id: int | None = None) -> bytes:
     """An event whose data is a whole resource (a Message or a Chat)."""
     return frame(name, model.model_dump_json(), event_id)
@@ -169,6 +174,9 @@ class ReplyRegistry:
         self.finished: OrderedDict[str, Reply] = OrderedDict()
         self.closing = False
         self.shutdown_requested = anyio.Event()
+        # Replies that ended while storage was failing: their final state, kept until stored.
+        self.unsaved: dict[str, dict[str, Any]] = {}
+        self.save_retry_interval = 1.0
 
     def get(self, message_id: str) -> Reply | None:
         """A reply in progress or recently finished, with its event log."""
@@ -361,10 +369,7 @@ class ReplyRegistry:
         request = ToolCallRequest(id=call.id, name=call.name, arguments=arguments)
         reply.append(
             "tool.call",
-            json.dumps(
-                {"message_id": reply.id, "tool_call": request.model_dump(mode="json")},
-                ensure_ascii=False,
-            ),
+            compact({"message_id": reply.id, "tool_call": request.model_dump(mode="json")}),
         )
         if cut:
             record = ToolCallRecord(
@@ -391,10 +396,7 @@ class ReplyRegistry:
         reply.dirty = True
         reply.append(
             "tool.result",
-            json.dumps(
-                {"message_id": reply.id, "tool_call": record.model_dump(mode="json")},
-                ensure_ascii=False,
-            ),
+            compact({"message_id": reply.id, "tool_call": record.model_dump(mode="json")}),
         )
         return record
 
@@ -466,18 +468,33 @@ class ReplyRegistry:
             "error": outcome.error.model_dump() if outcome.error else None,
         }
         final: Message | None = None
+        stored = True
         try:
             final = await anyio.to_thread.run_sync(
                 lambda: self.db.finish_reply(reply.id, last_event_id=done_id, **fields)
             )
         except sqlite3.Error as error:
             logger.error("storing reply {} failed: {}", reply.id, error)
+            stored = False
             fields["status"] = "failed"
-            fields["error"] = {"code": "storage_error", "message": "The reply could not be saved."}
+            fields["error"] = {
+                "code": "storage_error",
+                "message": "Storage failed when this reply ended; it is saved once storage"
+                " is back.",
+            }
         if final is None:  # the chat was deleted, or the database failed: say what we know
             final = Message.model_validate(
                 reply.message.model_dump() | fields | {"completed_at": datetime.now(UTC)}
             )
+        if not stored:
+            # Until it is stored the row says `in_progress`, which would block the chat;
+            # stored later, it must read as it was announced.
+            assert final.completed_at is not None
+            self.unsaved[reply.id] = fields | {
+                "last_event_id": done_id,
+                "completed_at": final.completed_at.isoformat(timespec="microseconds"),
+            }
+            self.task_group.start_soon(self._save_later, reply.id, name=f"save {reply.id}")
         reply.final = final
         reply.append("message.done", final.model_dump_json())
         reply.finished_at = time.monotonic()
@@ -495,6 +512,21 @@ class ReplyRegistry:
             tokens,
             reply.last_event_id,
         )
+
+    async def _save_later(self, message_id: str) -> None:
+        """Store a final state that storage refused, once it takes writes again. If the
+        process stops first, the restart's recovery ends the reply from its checkpoint."""
+        fields = self.unsaved[message_id]
+        while True:
+            await anyio.sleep(self.save_retry_interval)
+            try:
+                await anyio.to_thread.run_sync(lambda: self.db.finish_reply(message_id, **fields))
+            except sqlite3.Error as error:
+                logger.debug("reply {} still not stored: {}", message_id, error)
+                continue
+            del self.unsaved[message_id]
+            logger.info("reply {} stored after storage came back", message_id)
+            return
 
     def _prune(self) -> None:
         """Forget finished replies' logs after a while, or when they hold too much."""

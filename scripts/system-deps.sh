@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Debian packages the full test suite needs: Chromium for the browser tests, a compiler and
+# Debian packages the full test suite needs: Chromium and a font for the browser tests, a compiler and
 # CMake for the local model server (llama-cpp-python builds llama.cpp from source).
 set -euo pipefail
-packages=(chromium cmake build-essential)
+packages=(chromium fonts-dejavu-core cmake build-essential)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

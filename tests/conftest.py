@@ -40,7 +40,7 @@ def service_env(fake: FakeOpenAI, **extra: str) -> dict[str, str]:
         "OPENAI_BASE_URL": fake.base_url,
         "OPENAI_API_KEY": "sk-test-not-a-real-key-0123456789",
         "OPENAI_MAX_RETRIES": "0",
-        "OPENAI_TIMEOUT": "10",
+        "OPENAI_TIMEOUT": "3",
         "OPENAI_STREAM_IDLE_TIMEOUT": "2",
         "ALLOWED_MODELS": "gpt-4o-mini,gpt-4o",
         **extra,

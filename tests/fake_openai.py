@@ -282,8 +282,19 @@ class _Server(uvicorn.Server):
         self.ready.set()
 
 
+class _StampedChunks(_Chunks):
+    """Each text chunk is the time it was sent (`time.time()`, then a space), whatever the
+    script says: a benchmark reading the stream through a relay sees how late each piece is."""
+
+    def text(self, piece: str) -> bytes:
+        return self.head + b'{"content":"' + f"{time.time():.6f} ".encode() + b'"}' + self.tail
+
+
 class FakeOpenAI:
     """A real HTTP server on 127.0.0.1 that answers like OpenAI's Chat Completions API."""
+
+    # How a stream's chunks are encoded; the CLI's --stamp swaps in _StampedChunks.
+    encoder: type[_Chunks] = _Chunks
 
     def __init__(self, port: int = 0) -> None:
         self.port = port
@@ -642,7 +653,7 @@ class FakeOpenAI:
             return
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        enc = _Chunks(model, include_usage)
+        enc = self.encoder(model, include_usage)
         headers = _headers(b"text/event-stream; charset=utf-8", reply.headers)
         headers.append((b"cache-control", b"no-cache"))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -704,8 +715,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=None, help="text chunks per reply")
     parser.add_argument("--chunk-text", default="tok ", help="the text of each chunk")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between chunks")
+    parser.add_argument(
+        "--stamp", action="store_true", help="each chunk's text is the time it was sent"
+    )
     args = parser.parse_args(argv)
     fake = FakeOpenAI(port=args.port)
+    if args.stamp:
+        fake.encoder = _StampedChunks
     if args.chunks is not None:
         fake.default = Reply(chunks=[args.chunk_text] * args.chunks, delay=args.delay)
     else:

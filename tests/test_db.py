@@ -6,8 +6,10 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import JsonValue
 
 from db import (
     MIGRATIONS,
@@ -20,6 +22,7 @@ from db import (
     SendOutcome,
     Started,
 )
+from schemas import MessageList
 
 
 @pytest.fixture
@@ -201,3 +204,49 @@ def test_search_skips_replies_in_progress_and_indexes_them_when_done(db: Databas
     assert [h["message_id"] for h in db.search_messages("chat_a", "penguins", 5)] == ["msg_a1"]
     db.delete_chat("chat_a")
     assert db.connection().execute("SELECT count(*) FROM messages_fts").fetchone()[0] == 0
+
+
+def test_messages_as_json_are_what_pydantic_writes(tmp_path: Path) -> None:
+    db = Database(tmp_path / "chat.db")
+    db.migrate()
+    db.create_chat("chat_abcdefghijklmnop", None, None, "m")
+    call: dict[str, JsonValue] = {"id": "c1", "name": "calc", "arguments": {"x": "2+2"}}
+    finishes: list[dict[str, Any] | None] = [
+        {
+            "status": "completed",
+            "content": "with tools",
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            "tool_calls": [
+                call | {"result": 4, "error": None, "text_offset": 0},
+                call | {"id": "c2", "result": None, "error": "no", "text_offset": 3},
+            ],
+            "error": None,
+        },
+        {
+            "status": "failed",
+            "content": 'quotes " and \\ and \n\t\x01 é \u2028 😀',
+            "finish_reason": None,
+            "usage": None,
+            "tool_calls": [],
+            "error": {"code": "timeout", "message": "late"},
+        },
+        None,  # stays in progress: no completed_at
+    ]
+    for n, finish in enumerate(finishes):
+        outcome = db.start_exchange(
+            chat_id="chat_abcdefghijklmnop",
+            user_message_id=f"msg_u{n}",
+            reply_id=f"msg_r{n}",
+            content="ünïcode \n question",
+            model="m",
+            idempotency_key=None,
+            max_messages=100,
+        )
+        assert isinstance(outcome, Started)
+        if finish is not None:
+            db.finish_reply(f"msg_r{n}", last_event_id=3, **finish)
+    for limit, after in [(100, None), (2, None), (3, "msg_u0"), (1, "msg_r2")]:
+        messages, has_more = db.list_messages("chat_abcdefghijklmnop", limit, after)
+        expected = MessageList(data=messages, has_more=has_more).model_dump_json()
+        assert db.list_messages_json("chat_abcdefghijklmnop", limit, after).decode() == expected

