@@ -273,21 +273,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 # Dependencies
+# `async def`, though they never await: FastAPI runs a plain `def` dependency in its thread
+# pool, which was three thread hops per request for three attribute reads (bench profile
+# under 50 senders: ~9 % of the event loop's time in run_in_threadpool).
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     """The app's settings."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     """The app's database."""
     db: Database = request.app.state.db
     return db
 
 
-def get_registry(request: Request) -> ReplyRegistry:
+async def get_registry(request: Request) -> ReplyRegistry:
     """The app's reply registry."""
     registry: ReplyRegistry = request.app.state.registry
     return registry

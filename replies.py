@@ -269,8 +269,13 @@ class ReplyRegistry:
                     message="No model is configured: set OPENAI_API_KEY or OPENAI_BASE_URL.",
                 ),
             )
-        chat = await anyio.to_thread.run_sync(self.db.get_chat, reply.chat.id) or reply.chat
-        history = await anyio.to_thread.run_sync(self.db.history, chat.id, reply.id)
+        # One thread hop for both reads: each hop costs the event loop a task, a cancel scope
+        # and a capacity-limiter round (bench profile under 50 senders).
+        db = self.db
+        found, history = await anyio.to_thread.run_sync(
+            lambda: (db.get_chat(reply.chat.id), db.history(reply.chat.id, reply.id))
+        )
+        chat = found or reply.chat
         schemas = tools.tool_schemas(config.tools) if config.tools else []
         messages = llm.build_prompt(
             chat_prompt=chat.system_prompt,

@@ -242,6 +242,13 @@ ROWS: list[Row] = [
         lambda v: v <= 50,
     ),
     (
+        "  server CPU per GET of all",
+        "",
+        lambda r: r["messages"]["all_cpu_ms"],
+        "ms",
+        lambda v: True,
+    ),
+    (
         "GET a page of 100, median",
         "<= 5 ms",
         lambda r: r["messages"]["page_ms_median"],
@@ -254,6 +261,13 @@ ROWS: list[Row] = [
         lambda r: r["sends"]["sends_per_s"],
         "/s",
         lambda v: v >= 300,
+    ),
+    (
+        "  server CPU per send",
+        "",
+        lambda r: r["sends"]["cpu_ms_per_send"],
+        "ms",
+        lambda v: True,
     ),
 ]
 

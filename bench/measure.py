@@ -173,10 +173,13 @@ async def sends_per_second(service: Service, clients: int, seconds: float) -> di
     stop_at = time.monotonic() + 1.0  # warm-up, not counted
     await asyncio.gather(*(loop(c, chat) for c, chat in zip(conns, chats, strict=True)))
     latencies.clear()
+    errors = 0
     begin = time.monotonic()
+    cpu_before = cpu_seconds(service.pid)
     stop_at = begin + seconds
     await asyncio.gather(*(loop(c, chat) for c, chat in zip(conns, chats, strict=True)))
     elapsed = time.monotonic() - begin
+    cpu = cpu_seconds(service.pid) - cpu_before
     for conn in conns:
         await conn.close()
     return {
@@ -184,6 +187,8 @@ async def sends_per_second(service: Service, clients: int, seconds: float) -> di
         "sends": len(latencies),
         "errors": errors,
         "sends_per_s": len(latencies) / elapsed,
+        # The service's CPU time per send: robust to other load on the machine, unlike the rate.
+        "cpu_ms_per_send": cpu / max(1, len(latencies)) * 1000,
         "latency_ms_median": median(latencies),
         "latency_ms_p99": p99(latencies),
     }
@@ -254,7 +259,9 @@ async def read_messages(
             size = len(body)
         return times[1:], size  # the first one warms caches
 
+    cpu_before = cpu_seconds(service.pid)
     full, full_size = await timed(f"/chats/{chat_id}/messages?limit={total}", runs)
+    full_cpu = cpu_seconds(service.pid) - cpu_before
     page, _ = await timed(f"/chats/{chat_id}/messages?limit=100&after={middle}", page_runs)
     check = await conn.request("GET", f"/chats/{chat_id}/messages?limit={total}")
     count = len((await check.json())["data"])
@@ -264,6 +271,7 @@ async def read_messages(
         "body_bytes": full_size,
         "all_ms_median": median(full),
         "all_ms_p99": p99(full),
+        "all_cpu_ms": full_cpu / (runs + 1) * 1000,
         "page_ms_median": median(page),
         "page_ms_p99": p99(page),
     }
