@@ -7,7 +7,6 @@ import re
 import secrets
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,13 +22,12 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from sse_starlette import EventSourceResponse
-from sse_starlette.sse import AppStatus, SendTimeoutError
+from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.types import Message as ASGIMessage
 
 import llm
 from db import Busy, ChatFull, Database, KeyReused, NotFoundError, Replayed, Started
+from middleware import RequestLog
 from replies import Reply, ReplyConfig, ReplyRegistry, model_frame
 from schemas import (
     FINAL_STATUSES,
@@ -58,9 +56,6 @@ PAGE_HEADERS = {
 
 
 DIGITS = re.compile(r"[0-9]{1,18}")
-# Headers a client may send, all names and values together; past it, 431. Browsers send a
-# few KB; uvicorn's httptools parser has no limit of its own (h11's is 16 KiB).
-MAX_HEADER_BYTES = 64 * 1024
 
 
 def new_id(prefix: str) -> str:
@@ -72,76 +67,6 @@ def configure_logging(level: str) -> None:
     """One sink on stderr; message contents and keys are never logged at INFO."""
     logger.remove()
     logger.add(sys.stderr, level=level.upper(), backtrace=False, diagnose=False)
-
-
-class RequestLog:
-    """Pure ASGI middleware: one log line per request, the request body size limit (413
-    before the body is read, whatever the route) and the header size limit (431)."""
-
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
-        self.app = app
-        self.max_body = max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-
-        async def send_logged(message: ASGIMessage) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            headers = scope["headers"]
-            if sum(len(name) + len(value) + 4 for name, value in headers) > MAX_HEADER_BYTES:
-                response = JSONResponse(
-                    {"detail": f"The request headers are larger than {MAX_HEADER_BYTES} bytes."},
-                    431,
-                )
-                await response(scope, receive, send_logged)
-                return
-            declared = dict(headers).get(b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-                response = JSONResponse(
-                    {"detail": f"The request body is larger than {self.max_body} bytes."}, 413
-                )
-                await response(scope, receive, send_logged)
-                return
-            await self.app(scope, self._limited(receive), send_logged)
-        except SendTimeoutError:
-            # STREAM_SEND_TIMEOUT: the client stopped reading. Its subscription is closed, the
-            # reply goes on; a warning, not a traceback, since the server did nothing wrong.
-            # (uvicorn then closes the connection, as the response was never completed.)
-            logger.warning(
-                "{} {}: client stopped reading; stream dropped", scope["method"], scope["path"]
-            )
-        finally:
-            logger.info(
-                "{} {} {} {:.1f}ms",
-                scope["method"],
-                scope["path"],
-                status,
-                (time.perf_counter() - started) * 1000,
-            )
-
-    def _limited(self, receive: Receive) -> Receive:
-        """Counts a chunked body as it arrives, for clients that send no Content-Length."""
-        seen = 0
-
-        async def limited() -> ASGIMessage:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise HTTPException(413, f"The request body is larger than {self.max_body}.")
-            return message
-
-        return limited
 
 
 @asynccontextmanager
