@@ -480,19 +480,25 @@ class Database:
         fields = {k: row[k] for k in row.keys() if k != "last_event_id"}
         return _message(fields), last_event_id
 
+    @staticmethod
+    def _position_after(conn: sqlite3.Connection, chat_id: str, after: str | None) -> int:
+        """Where a page of the chat's history starts: after the message `after`, or at 0."""
+        if after is None:
+            return -1
+        found = conn.execute(
+            "SELECT position FROM messages WHERE id = ? AND chat_id = ?", (after, chat_id)
+        ).fetchone()
+        if found is None:
+            raise NotFoundError(f"No message {after!r} in this chat to page after.")
+        position: int = found[0]
+        return position
+
     def list_messages(
         self, chat_id: str, limit: int, after: str | None
     ) -> tuple[list[Message], bool]:
         """A page of the chat's history, oldest first, starting after the message `after`."""
         conn = self.connection()
-        start = -1
-        if after is not None:
-            found = conn.execute(
-                "SELECT position FROM messages WHERE id = ? AND chat_id = ?", (after, chat_id)
-            ).fetchone()
-            if found is None:
-                raise NotFoundError(f"No message {after!r} in this chat to page after.")
-            start = found[0]
+        start = self._position_after(conn, chat_id, after)
         rows = conn.execute(
             f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND position > ?"
             " ORDER BY position LIMIT ?",
@@ -505,14 +511,7 @@ class Database:
         10,000 pydantic models (and FastAPI validating them again) took ~0.5 s. The bytes are
         those pydantic writes (timestamps in its `Z` form, `text_offset` left out)."""
         conn = self.connection()
-        start = -1
-        if after is not None:
-            found = conn.execute(
-                "SELECT position FROM messages WHERE id = ? AND chat_id = ?", (after, chat_id)
-            ).fetchone()
-            if found is None:
-                raise NotFoundError(f"No message {after!r} in this chat to page after.")
-            start = found[0]
+        start = self._position_after(conn, chat_id, after)
         # One JSON object per row, joined here: an aggregate over an ordered subquery keeps
         # that order only by accident before SQLite 3.44 (no ORDER BY inside aggregates).
         # As BLOBs, the UTF-8 SQLite wrote is joined as is, never decoded to str and encoded
