@@ -232,7 +232,15 @@ class ReplyRegistry:
     # The writing itself.
 
     async def _run(self, reply: Reply) -> None:
-        outcome = Outcome("failed", None, MessageError(code="internal_error", message="?"))
+        # Kept only if the task itself is cancelled from outside: the server stopping past
+        # its grace period.
+        outcome = Outcome(
+            "incomplete",
+            None,
+            MessageError(
+                code="server_shutdown", message="The server stopped while writing this reply."
+            ),
+        )
         try:
             with anyio.CancelScope() as scope:
                 reply.scope = scope
