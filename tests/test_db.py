@@ -246,7 +246,55 @@ def test_messages_as_json_are_what_pydantic_writes(tmp_path: Path) -> None:
         assert isinstance(outcome, Started)
         if finish is not None:
             db.finish_reply(f"msg_r{n}", last_event_id=3, **finish)
-    for limit, after in [(100, None), (2, None), (3, "msg_u0"), (1, "msg_r2")]:
+    pages = [(100, None), (2, None), (3, "msg_u0"), (1, "msg_r2")]
+    for limit, after in pages:
         messages, has_more = db.list_messages("chat_abcdefghijklmnop", limit, after)
         expected = MessageList(data=messages, has_more=has_more).model_dump_json()
         assert db.list_messages_json("chat_abcdefghijklmnop", limit, after).decode() == expected
+    # The reply in progress was built on the fly; once recovered, its stored JSON is used.
+    assert db.recover_interrupted() == 1
+    stored = db.connection().execute("SELECT count(*) FROM messages WHERE json IS NULL")
+    assert stored.fetchone()[0] == 0
+    for limit, after in pages:
+        messages, has_more = db.list_messages("chat_abcdefghijklmnop", limit, after)
+        expected = MessageList(data=messages, has_more=has_more).model_dump_json()
+        assert db.list_messages_json("chat_abcdefghijklmnop", limit, after).decode() == expected
+    db.close()
+
+
+def test_m003_backfills_the_stored_json_of_an_older_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import db as db_module
+
+    old = Database(tmp_path / "old.db")
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS[:2])
+    old.migrate()
+    with old.transaction() as tx:
+        tx.execute(
+            "INSERT INTO chats (id, model, created_at, updated_at) VALUES ('chat_old', 'm',"
+            " '2026-01-01T00:00:00.000000+00:00', '2026-01-01T00:00:00.000000+00:00')"
+        )
+        tx.execute(
+            "INSERT INTO messages (id, chat_id, position, role, content, status, created_at,"
+            " completed_at) VALUES ('msg_old', 'chat_old', 0, 'user', 'old walrus', 'completed',"
+            " '2026-01-01T00:00:00.000000+00:00', '2026-01-01T00:00:00.000000+00:00')"
+        )
+    old.close()
+    monkeypatch.undo()
+    upgraded = Database(tmp_path / "old.db")
+    assert upgraded.migrate() == ["m003_stored_message_json"]
+    messages, _ = upgraded.list_messages("chat_old", 10, None)
+    expected = MessageList(data=messages, has_more=False).model_dump_json()
+    assert upgraded.list_messages_json("chat_old", 10, None).decode() == expected
+    row = upgraded.connection().execute("SELECT json FROM messages WHERE id = 'msg_old'")
+    assert row.fetchone()[0] is not None
+    # Search still follows edits of the text, and only of the text.
+    assert [h["message_id"] for h in upgraded.search_messages("chat_old", "walrus", 5)] == [
+        "msg_old"
+    ]
+    with upgraded.transaction() as tx:
+        tx.execute("UPDATE messages SET content = 'new narwhal' WHERE id = 'msg_old'")
+    assert upgraded.search_messages("chat_old", "walrus", 5) == []
+    assert len(upgraded.search_messages("chat_old", "narwhal", 5)) == 1
+    upgraded.close()
