@@ -149,7 +149,10 @@ def measure_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any
         levels: list[dict[str, Any]] = []
         with Fake(chunks, delay=0.05, stamp=True) as fake:
             for streams in args.streams:
-                with Service(fake.base_url, **kw) as service:  # type: ignore[arg-type]
+                with (
+                    Service(fake.base_url, **kw) as service,  # type: ignore[arg-type]
+                    profiled(service.pid, profile_target(f"concurrent-{streams}")),
+                ):
                     procs = max(1, -(-streams // args.streams_per_process))
                     level = measure.concurrent(
                         service, streams, args.stream_seconds, args.ramp, procs
@@ -339,7 +342,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "default: after=.:auto:auto",
     )
     parser.add_argument("--only", default="", help="throughput,ttft,sends,messages,concurrent")
-    parser.add_argument("--profile", choices=["svg", "txt"], help="py-spy the throughput runs")
+    parser.add_argument("--profile", choices=["svg", "txt"], help="py-spy the service in each group")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     if args.quick:

@@ -331,4 +331,5 @@ def concurrent(
         "idle_rss_mb": idle_rss / 2**20,
         "peak_rss_mb": peak / 2**20,
         "service_cpu_share": cpu / elapsed,
+        "cpu_us_per_chunk": cpu / max(len(lateness), 1) * 1e6,
     }
