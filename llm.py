@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx2
 import openai
@@ -129,9 +130,16 @@ def make_client(
     *, api_key: str | None, base_url: str | None, timeout: float, max_retries: int
 ) -> AsyncOpenAI:
     """The one client of the process: it keeps a connection pool."""
-    # Local servers (Ollama, llama.cpp, vLLM) take any key; the SDK insists on one.
+    # The SDK's aiohttp transport (openai[aiohttp]) instead of its default httpx2 one: same
+    # requests, retries and errors, but a C parser under each stream and no socket poll per
+    # request. Service CPU per relayed chunk at 250 streams of 20 chunks/s 226 -> 167 µs,
+    # per send 9.1 -> 8.1 ms (bench/README.md, round 4).
     return AsyncOpenAI(
-        api_key=api_key or "not-needed", base_url=base_url, timeout=timeout, max_retries=max_retries
+        api_key=api_key or "not-needed",
+        base_url=base_url,
+        timeout=timeout,
+        max_retries=max_retries,
+        http_client=openai.DefaultAioHttpClient(timeout=timeout),
     )
 
 
@@ -254,10 +262,27 @@ def _scrub(text: str, client: AsyncOpenAI) -> str:
     return text.replace(key, "***") if key and len(key) > 8 else text
 
 
+def _aiohttp_cause(error: BaseException) -> aiohttp.ClientConnectionError | None:
+    """The aiohttp connection error under an SDK or httpx2 exception, if there is one."""
+    seen: BaseException | None = error
+    for _ in range(5):  # SDK error <- httpx2 error <- aiohttp error
+        if seen is None:
+            return None
+        if isinstance(seen, aiohttp.ClientConnectionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def translate_error(error: BaseException, client: AsyncOpenAI) -> LLMError:
     """The SDK's exceptions as our one error type (timeout first: it is a connection error)."""
     if isinstance(error, LLMError):
         return error
+    cause = _aiohttp_cause(error)
+    if cause is not None and not isinstance(cause, aiohttp.ServerTimeoutError):
+        # The SDK's vendored aiohttp transport maps every ClientConnectionError, a refused
+        # connection included, to httpx's ConnectTimeout: what failed is in the cause.
+        return LLMError("connection_error", "Could not reach the model's provider.")
     if isinstance(error, openai.APITimeoutError | TimeoutError | httpx2.TimeoutException):
         return LLMError("timeout", "The model's provider did not answer in time.")
     if isinstance(error, openai.APIConnectionError | httpx2.TransportError):
