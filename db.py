@@ -168,6 +168,16 @@ class ChatFull:
 SendOutcome = Started | Replayed | Busy | KeyReused | ChatFull
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A reply's state so far, as a checkpoint saves it."""
+
+    message_id: str
+    content: str
+    tool_calls: list[dict[str, JsonValue]]
+    event_id: int
+
+
 def now() -> str:
     """The current time as stored: ISO 8601, UTC, microseconds (so text order is time order)."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
@@ -574,15 +584,22 @@ class Database:
         )
         return [_message(r) for r in rows]
 
-    def checkpoint_reply(
-        self, message_id: str, content: str, tool_calls: list[dict[str, JsonValue]], event_id: int
-    ) -> None:
-        """Save a reply's text so far (it stays `in_progress`)."""
+    def checkpoint_replies(self, saves: Sequence[Checkpoint]) -> None:
+        """Save the text so far of replies in progress (they stay `in_progress`), all in one
+        transaction: a reply already finished is left as it is."""
         with self.transaction() as tx:
-            tx.execute(
+            tx.executemany(
                 "UPDATE messages SET content = ?, tool_calls = ?, last_event_id = ?"
                 " WHERE id = ? AND status = 'in_progress'",
-                (content, json.dumps(tool_calls, ensure_ascii=False), event_id, message_id),
+                [
+                    (
+                        save.content,
+                        json.dumps(save.tool_calls, ensure_ascii=False),
+                        save.event_id,
+                        save.message_id,
+                    )
+                    for save in saves
+                ],
             )
 
     def finish_reply(

@@ -15,6 +15,7 @@ from db import (
     MIGRATIONS,
     Busy,
     ChatFull,
+    Checkpoint,
     Database,
     KeyReused,
     NotFoundError,
@@ -168,7 +169,7 @@ def test_delete_chat_cascades(db: Database) -> None:
 def test_checkpoint_then_recovery_keeps_the_text(db: Database) -> None:
     db.create_chat("chat_a", None, None, "m")
     exchange(db, "chat_a", 1)
-    db.checkpoint_reply("msg_a1", "partial text", [], 5)
+    db.checkpoint_replies([Checkpoint("msg_a1", "partial text", [], 5)])
     assert db.recover_interrupted() == 1
     state = db.get_reply_state("chat_a", "msg_a1")
     assert state is not None
@@ -177,6 +178,31 @@ def test_checkpoint_then_recovery_keeps_the_text(db: Database) -> None:
     assert message.error is not None and message.error.code == "server_restarted"
     assert last_event_id == 6
     assert db.recover_interrupted() == 0
+
+
+def test_one_checkpoint_saves_many_replies_and_leaves_finished_ones(db: Database) -> None:
+    for n in (1, 2, 3):
+        db.create_chat(f"chat_{n}", None, None, "m")
+        exchange(db, f"chat_{n}", n)
+    finish(db, "msg_a3", "already done")
+    call: dict[str, JsonValue] = {"id": "c1", "name": "calculate", "arguments": {"x": "1"}}
+    db.checkpoint_replies(
+        [
+            Checkpoint("msg_a1", "one", [], 4),
+            Checkpoint("msg_a2", "two", [call], 7),
+            Checkpoint("msg_a3", "late checkpoint", [], 9),
+        ]
+    )
+    states = {n: db.get_reply_state(f"chat_{n}", f"msg_a{n}") for n in (1, 2, 3)}
+    assert all(state is not None for state in states.values())
+    one, two, three = (states[n] for n in (1, 2, 3))
+    assert one is not None and (one[0].content, one[0].status, one[1]) == ("one", "in_progress", 4)
+    assert two is not None and two[0].content == "two" and two[1] == 7
+    assert [c.name for c in two[0].tool_calls] == ["calculate"]
+    assert three is not None and (three[0].content, three[0].status) == (
+        "already done",
+        "completed",
+    )
 
 
 def test_search_finds_finished_messages_of_that_chat_only(db: Database) -> None:
@@ -198,7 +224,7 @@ def test_search_finds_finished_messages_of_that_chat_only(db: Database) -> None:
 def test_search_skips_replies_in_progress_and_indexes_them_when_done(db: Database) -> None:
     db.create_chat("chat_a", None, None, "m")
     exchange(db, "chat_a", 1, content="first")
-    db.checkpoint_reply("msg_a1", "penguins everywhere", [], 2)
+    db.checkpoint_replies([Checkpoint("msg_a1", "penguins everywhere", [], 2)])
     assert db.search_messages("chat_a", "penguins", 5) == []
     finish(db, "msg_a1", "penguins everywhere")
     assert [h["message_id"] for h in db.search_messages("chat_a", "penguins", 5)] == ["msg_a1"]

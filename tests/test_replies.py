@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -218,6 +219,60 @@ def test_a_checkpoint_saves_text_while_the_reply_runs(tmp_path: Path, fake: Fake
     mid, final = anyio.run(main)
     assert mid.startswith("p0 p1 ") and len(mid) < len(final)
     assert final == "".join(f"p{i} " for i in range(30))
+
+
+def test_one_checkpoint_task_saves_every_reply_in_progress(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """Two replies at once: both are checkpointed mid-way, by one task that ends when idle."""
+
+    async def main() -> tuple[list[str], list[str], list[str]]:
+        db = Database(tmp_path / "chat.db")
+        db.migrate()
+        chats = []
+        for n in (1, 2):
+            chats.append(db.create_chat(f"chat_{n}", None, None, "m"))
+            db.start_exchange(
+                chat_id=f"chat_{n}",
+                user_message_id=f"msg_u{n}",
+                reply_id=f"msg_a{n}",
+                content="go",
+                model="m",
+                idempotency_key=None,
+                max_messages=100,
+            )
+        for _ in (1, 2):
+            fake.push(FakeReply(chunks=[f"p{i} " for i in range(30)], delay=0.02))
+        client = llm.make_client(api_key="k", base_url=fake.base_url, timeout=5, max_retries=0)
+        config = ReplyConfig(client=client, checkpoint_interval=0.05, generate_titles=False)
+        async with anyio.create_task_group() as group:
+            registry = ReplyRegistry(db, config, group)
+            replies = []
+            for n, chat in zip((1, 2), chats, strict=True):
+                message = db.get_message(f"chat_{n}", f"msg_a{n}")
+                assert message is not None
+                replies.append(registry.start(chat, message))
+            tasks = [t.get_name() for t in asyncio.all_tasks()]
+            await anyio.sleep(0.3)
+            mids = [db.get_message(f"chat_{n}", f"msg_a{n}") for n in (1, 2)]
+            for reply in replies:
+                await reply.done.wait()
+        # The task group ended: the checkpoint task stopped by itself once nothing ran.
+        await client.close()
+        finals = [db.get_message(f"chat_{n}", f"msg_a{n}") for n in (1, 2)]
+        db.close()
+        assert registry.checkpointing is False
+        return (
+            [m.content if m and m.status == "in_progress" else "" for m in mids],
+            [f.content if f else "" for f in finals],
+            tasks,
+        )
+
+    mids, finals, tasks = anyio.run(main)
+    whole = "".join(f"p{i} " for i in range(30))
+    assert all(mid.startswith("p0 p1 ") and len(mid) < len(whole) for mid in mids), mids
+    assert finals == [whole, whole]
+    assert tasks.count("checkpoints") == 1
 
 
 def test_the_round_limit_ends_the_reply_incomplete(tmp_path: Path, fake: FakeOpenAI) -> None:
