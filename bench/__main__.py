@@ -342,7 +342,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "default: after=.:auto:auto",
     )
     parser.add_argument("--only", default="", help="throughput,ttft,sends,messages,concurrent")
-    parser.add_argument("--profile", choices=["svg", "txt"], help="py-spy the service in each group")
+    parser.add_argument(
+        "--profile", choices=["svg", "txt"], help="py-spy the service in each group"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     if args.quick:
