@@ -561,18 +561,43 @@ class Database:
         )
         return b'{"data":[' + data + b'],"has_more":' + (b"true}" if has_more else b"false}")
 
-    def history(self, chat_id: str, before_message_id: str) -> list[Message]:
-        """Every message of the chat before the given one, oldest first (the prompt's history)."""
-        rows = (
-            self.connection()
-            .execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND position <"
-                " (SELECT position FROM messages WHERE id = ?) ORDER BY position",
-                (chat_id, before_message_id),
-            )
-            .fetchall()
+    def history(
+        self, chat_id: str, before_message_id: str, max_chars: int
+    ) -> tuple[list[Message], int]:
+        """The newest whole turns before a message, to just past `max_chars`; and how many older."""
+        conn = self.connection()
+        # The prompt's history, oldest first. Read newest first along the (chat_id, position)
+        # index, and only as far as a prompt can reach: build_prompt's estimate is chars/4 + 4
+        # per message of its JSON, so past 4 x max_context_tokens characters (content and stored
+        # tool calls, fewer than a turn's JSON in the prompt) no older turn could be kept.
+        rows = conn.execute(
+            f"SELECT position, length(content) + length(tool_calls), {MESSAGE_COLUMNS}"
+            " FROM messages WHERE chat_id = ? AND position <"
+            " (SELECT position FROM messages WHERE id = ?) ORDER BY position DESC",
+            (chat_id, before_message_id),
         )
-        return [_message(r) for r in rows]
+        messages: list[Message] = []
+        size = 0
+        oldest: int | None = None  # the position the read stopped at, if it stopped early
+        try:
+            for row in rows:
+                position, chars = row[0], row[1]
+                message = _message({k: row[k] for k in row.keys()[2:]})
+                messages.append(message)
+                size += chars
+                # Only at a user message: build_prompt keeps or leaves out whole turns.
+                if message.role == "user" and size > max_chars:
+                    oldest = position
+                    break
+        finally:
+            rows.close()  # ends the read, which an unfinished statement would keep open
+        messages.reverse()
+        if oldest is None:
+            return messages, 0
+        left_out: int = conn.execute(
+            "SELECT count(*) FROM messages WHERE chat_id = ? AND position < ?", (chat_id, oldest)
+        ).fetchone()[0]
+        return messages, left_out
 
     def checkpoint_reply(
         self, message_id: str, content: str, tool_calls: list[dict[str, JsonValue]], event_id: int
