@@ -241,6 +241,14 @@ def m003_stored_message_json(db: sqlite3.Connection) -> None:
 
 STORE_JSON = f"UPDATE messages SET json = {MESSAGE_JSON} WHERE id = ?"
 
+# A message for Message.model_validate_json: its stored API JSON (built here only for a reply
+# in progress) with its tool calls as stored, since the API's leave out the `text_offset` that
+# llm.replay needs. Parsing JSON text is ~2x quicker than dicts and json.loads per column.
+HISTORY_JSON = (
+    f"CASE WHEN tool_calls = '[]' THEN coalesce(json, {MESSAGE_JSON})"
+    f" ELSE json_set(coalesce(json, {MESSAGE_JSON}), '$.tool_calls', json(tool_calls)) END"
+)
+
 
 def _chat(row: sqlite3.Row) -> Chat:
     return Chat.model_validate(dict(row))
@@ -571,18 +579,42 @@ class Database:
         )
         return b'{"data":[' + data + b'],"has_more":' + (b"true}" if has_more else b"false}")
 
-    def history(self, chat_id: str, before_message_id: str) -> list[Message]:
-        """Every message of the chat before the given one, oldest first (the prompt's history)."""
-        rows = (
-            self.connection()
-            .execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND position <"
-                " (SELECT position FROM messages WHERE id = ?) ORDER BY position",
-                (chat_id, before_message_id),
-            )
-            .fetchall()
+    def history(
+        self, chat_id: str, before_message_id: str, max_chars: int
+    ) -> tuple[list[Message], int]:
+        """The newest whole turns before a message, to just past `max_chars`; and how many older."""
+        conn = self.connection()
+        # The prompt's history, oldest first. Read newest first along the (chat_id, position)
+        # index, and only as far as a prompt can reach: build_prompt's estimate is chars/4 + 4
+        # per message of its JSON, so past 4 x max_context_tokens characters (content and stored
+        # tool calls, fewer than a turn's JSON in the prompt) no older turn could be kept.
+        rows = conn.execute(
+            f"SELECT position, length(content) + length(tool_calls), {HISTORY_JSON}"
+            " FROM messages WHERE chat_id = ? AND position <"
+            " (SELECT position FROM messages WHERE id = ?) ORDER BY position DESC",
+            (chat_id, before_message_id),
         )
-        return [_message(r) for r in rows]
+        messages: list[Message] = []
+        size = 0
+        oldest: int | None = None  # the position the read stopped at, if it stopped early
+        try:
+            for position, chars, data in rows:
+                message = Message.model_validate_json(data)
+                messages.append(message)
+                size += chars
+                # Only at a user message: build_prompt keeps or leaves out whole turns.
+                if message.role == "user" and size > max_chars:
+                    oldest = position
+                    break
+        finally:
+            rows.close()  # ends the read, which an unfinished statement would keep open
+        messages.reverse()
+        if oldest is None:
+            return messages, 0
+        left_out: int = conn.execute(
+            "SELECT count(*) FROM messages WHERE chat_id = ? AND position < ?", (chat_id, oldest)
+        ).fetchone()[0]
+        return messages, left_out
 
     def checkpoint_replies(self, saves: Sequence[Checkpoint]) -> None:
         """Save the text so far of replies in progress (they stay `in_progress`), all in one

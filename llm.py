@@ -227,16 +227,23 @@ def build_prompt(
     max_context_tokens: int,
     tools: Sequence[dict[str, Any]] = (),
     reserve_tokens: int = 1024,
+    left_out: int = 0,
 ) -> list[ChatCompletionMessageParam]:
     """System message, then as much of the history as fits the budget, newest kept; the last
     history message is the new user message and is always kept. Whole turns are left out
-    (a user message with its replies), so the model never sees an answer without its question."""
+    (a user message with its replies), so the model never sees an answer without its question.
+    `left_out` is how many older messages of the chat were not even loaded."""
     turns: list[list[ChatCompletionMessageParam]] = []
+    # Stored messages per turn: what the model is told is missing counts the chat's messages
+    # (as search_chat_history finds them), not the several a tool round replays as.
+    stored: list[int] = []
     for message in history:
-        if message.role == "assistant" and not message.content and not message.tool_calls:
-            continue  # a reply that failed before writing anything tells the model nothing
         if message.role == "user" or not turns:
             turns.append([])
+            stored.append(0)
+        stored[-1] += 1
+        if message.role == "assistant" and not message.content and not message.tool_calls:
+            continue  # a reply that failed before writing anything tells the model nothing
         turns[-1].extend(replay(message))
     budget = max_context_tokens - reserve_tokens - estimate_tokens(json.dumps(list(tools)))
     budget -= estimate_tokens(system_message(chat_prompt, default_prompt, tools=bool(tools)))
@@ -248,7 +255,7 @@ def build_prompt(
             break
         kept.append(turn)
         budget -= cost
-    trimmed = sum(len(t) for t in turns[: len(turns) - len(kept)])
+    trimmed = left_out + sum(stored[: len(turns) - len(kept)])
     system: ChatCompletionMessageParam = {
         "role": "system",
         "content": system_message(chat_prompt, default_prompt, tools=bool(tools), trimmed=trimmed),

@@ -282,8 +282,14 @@ class ReplyRegistry:
         # One thread hop for both reads: each hop costs the event loop a task, a cancel scope
         # and a capacity-limiter round (bench profile under 50 senders).
         db = self.db
-        found, history = await anyio.to_thread.run_sync(
-            lambda: (db.get_chat(reply.chat.id), db.history(reply.chat.id, reply.id))
+        # Only as much history as a prompt could keep: llm.estimate_tokens counts a token per
+        # 4 characters at most, so 4 per token of the context bounds it.
+        max_chars = 4 * config.max_context_tokens
+        found, (history, left_out) = await anyio.to_thread.run_sync(
+            lambda: (
+                db.get_chat(reply.chat.id),
+                db.history(reply.chat.id, reply.id, max_chars),
+            )
         )
         chat = found or reply.chat
         schemas = tools.tool_schemas(config.tools) if config.tools else []
@@ -294,6 +300,7 @@ class ReplyRegistry:
             max_context_tokens=config.max_context_tokens,
             tools=schemas,
             reserve_tokens=config.max_output_tokens or 1024,
+            left_out=left_out,
         )
         current = [reply.id, *(m.id for m in history[-1:] if m.role == "user")]
         context = tools.ToolContext(

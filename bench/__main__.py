@@ -120,9 +120,11 @@ def measure_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any
                 )
         print(f"  [{variant.label}] throughput {out['throughput']}", file=sys.stderr)
     if wanted("ttft") or wanted("sends") or wanted("messages"):
+        # The long chat also takes sends: room for them past its `--messages`.
+        room = {"MAX_MESSAGES_PER_CHAT": str(args.messages + 1000)}
         with (
             Fake(5) as fake,
-            Service(fake.base_url, **kw) as service,  # type: ignore[arg-type]
+            Service(fake.base_url, env=room, **kw) as service,  # type: ignore[arg-type]
             profiled(service.pid, profile_target("short")),
         ):
             if wanted("ttft"):
@@ -148,6 +150,10 @@ def measure_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any
                 )
                 out["messages"]["fill_seconds"] = fill_seconds
                 print(f"  [{variant.label}] messages {out['messages']}", file=sys.stderr)
+                out["long_sends"] = run_async(
+                    lambda: measure.long_chat_sends(service, chat_id, args.runs * 4)
+                )
+                print(f"  [{variant.label}] long_sends {out['long_sends']}", file=sys.stderr)
     if wanted("concurrent"):
         chunks = round(args.stream_seconds * 20)
         levels: list[dict[str, Any]] = []
@@ -261,6 +267,20 @@ ROWS: list[Row] = [
         lambda r: r["messages"]["page_ms_median"],
         "ms",
         lambda v: v <= 5,
+    ),
+    (
+        "send in the 10,000-msg chat, 1st token",
+        "",
+        lambda r: r["long_sends"]["first_ms_median"],
+        "ms",
+        lambda v: True,
+    ),
+    (
+        "  server CPU per such send",
+        "",
+        lambda r: r["long_sends"]["cpu_ms_per_send"],
+        "ms",
+        lambda v: True,
     ),
     (
         "sends per second, 50 clients",

@@ -277,6 +277,26 @@ async def read_messages(
     }
 
 
+async def long_chat_sends(service: Service, chat_id: str, sends: int) -> dict[str, Any]:
+    """Sends in the long chat, one at a time: POST → first `message.delta` (the history is
+    loaded and the prompt built before the model is asked), and the service's CPU per send."""
+    conn = Connection("127.0.0.1", service.port)
+    await service_stream(conn, chat_id)  # warms caches
+    firsts: list[float] = []
+    cpu_before = cpu_seconds(service.pid)
+    for _ in range(sends):
+        first, _, _, _ = await service_stream(conn, chat_id)
+        firsts.append(first * 1000)
+    cpu = cpu_seconds(service.pid) - cpu_before
+    await conn.close()
+    return {
+        "sends": sends,
+        "first_ms_median": median(firsts),
+        "first_ms_p99": p99(firsts),
+        "cpu_ms_per_send": cpu / max(1, sends) * 1000,
+    }
+
+
 def concurrent(
     service: Service, streams: int, seconds: float, ramp: float, procs: int
 ) -> dict[str, Any]:

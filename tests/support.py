@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx2
 
+from db import Database, Started
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -191,3 +193,42 @@ def wait_until(condition: Any, timeout: float = 5.0, interval: float = 0.02) -> 
             return True
         time.sleep(interval)
     return bool(condition())
+
+
+def question(turn: int) -> str:
+    """The user message of turn `turn` of a chat made by `fill_chat` (lengths vary by turn)."""
+    return f"question {turn} " + "x" * (turn % 7 * 30)
+
+
+def fill_chat(db: Database, chat_id: str, turns: int) -> None:
+    """Write `turns` finished exchanges straight through db.py, as bench/measure.py does (far
+    quicker than as many sends). Every third reply called a tool after its first 7 characters."""
+    for turn in range(turns):
+        outcome = db.start_exchange(
+            chat_id=chat_id,
+            user_message_id=f"msg_u{turn}",
+            reply_id=f"msg_a{turn}",
+            content=question(turn),
+            model="gpt-4o-mini",
+            idempotency_key=None,
+            max_messages=2 * turns + 10,
+        )
+        assert isinstance(outcome, Started)
+        call: dict[str, Any] = {
+            "id": f"call_{turn}",
+            "name": "calculate",
+            "arguments": {"expression": f"{turn} * 2"},
+            "result": turn * 2,
+            "error": None,
+            "text_offset": 7,
+        }
+        db.finish_reply(
+            f"msg_a{turn}",
+            status="completed",
+            content=f"answer {turn} " + "y" * 100,
+            finish_reason="stop",
+            usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            tool_calls=[call] if turn % 3 == 0 else [],
+            error=None,
+            last_event_id=3,
+        )

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 
+from db import Database
 from tests.conftest import ServiceFactory
 from tests.fake_openai import FakeOpenAI, Reply, ToolCall, text
-from tests.support import Event, make_chat, send
+from tests.support import Event, fill_chat, make_chat, question, send
 
 pytestmark = pytest.mark.e2e
 
@@ -187,6 +189,30 @@ def test_long_chats_are_trimmed_to_the_context_budget(
     assert prompt[1]["role"] == "user" and not prompt[1]["content"].startswith("question 0 ")
     assert "oldest messages of this chat are not shown" in prompt[0]["content"]
     assert "tools" not in fake.requests[-1]
+
+
+def test_a_send_in_a_long_chat_sends_the_newest_turns_and_counts_the_rest(
+    start_service: ServiceFactory, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    chat_id = "chat_" + "long" * 4
+    db = Database(tmp_path / "chat.db")
+    db.migrate()
+    db.create_chat(chat_id, "long chat", None, "gpt-4o-mini")
+    fill_chat(db, chat_id, 1000)  # 2,000 messages; every third reply has a tool round
+    db.close()
+    service = start_service(tmp_path / "chat.db", MAX_CONTEXT_TOKENS="2500", TOOLS_ENABLED="false")
+    with service.client() as own:
+        _, events = send(own, chat_id, "the new question")
+    assert events[-1].message()["status"] == "completed"
+    prompt = fake.requests[-1]["messages"]
+    questions = [m["content"] for m in prompt if m["role"] == "user"]
+    first = int(questions[0].split()[1])
+    # Whole turns, the newest ones, none skipped; a tool round replays as it was written.
+    assert prompt[1]["role"] == "user" and 900 < first < 999
+    assert questions == [question(turn) for turn in range(first, 1000)] + ["the new question"]
+    assert "tool" in [m["role"] for m in prompt]
+    # Messages 0 .. 2 * first - 1 are not shown, and the model is told how many.
+    assert f"The {2 * first} oldest messages of this chat" in prompt[0]["content"]
 
 
 def test_the_chats_own_system_prompt_replaces_the_servers(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import JsonValue
 
+import llm
 from db import (
     MIGRATIONS,
     Busy,
@@ -23,7 +24,8 @@ from db import (
     SendOutcome,
     Started,
 )
-from schemas import MessageList
+from schemas import Message, MessageList
+from tests.support import fill_chat
 
 
 @pytest.fixture
@@ -324,3 +326,96 @@ def test_m003_backfills_the_stored_json_of_an_older_database(
     assert upgraded.search_messages("chat_old", "walrus", 5) == []
     assert len(upgraded.search_messages("chat_old", "narwhal", 5)) == 1
     upgraded.close()
+
+
+def long_chat(db: Database, turns: int = 1000) -> list[Message]:
+    """A chat of `turns` finished exchanges (2,000 messages by default, every third reply with
+    a tool round) and a new question whose reply `msg_reply` is in progress; returns every
+    message before that reply, read the unbounded way."""
+    db.create_chat("chat_long", None, None, "m")
+    fill_chat(db, "chat_long", turns)
+    outcome = db.start_exchange(
+        chat_id="chat_long",
+        user_message_id="msg_new",
+        reply_id="msg_reply",
+        content="the new question",
+        model="m",
+        idempotency_key=None,
+        max_messages=2 * turns + 2,
+    )
+    assert isinstance(outcome, Started)
+    everything, _ = db.list_messages("chat_long", 2 * turns + 2, None)
+    assert everything[-1].id == "msg_reply"
+    return everything[:-1]
+
+
+def stored_chars(db: Database) -> dict[str, int]:
+    """Each message's content and stored tool-call JSON, in characters (what the budget counts)."""
+    rows = db.connection().execute("SELECT id, length(content) + length(tool_calls) FROM messages")
+    return {row[0]: row[1] for row in rows}
+
+
+def test_history_of_a_long_chat_is_its_newest_whole_turns_just_past_the_budget(
+    db: Database,
+) -> None:
+    before = long_chat(db)
+    chars = stored_chars(db)
+    history, left_out = db.history("chat_long", "msg_reply", 20_000)
+    # The newest messages, as whole turns, and exactly as the unbounded read builds them.
+    assert 2 < len(history) < len(before) // 4
+    assert history == before[len(before) - len(history) :]
+    assert history[0].role == "user" and history[-1].id == "msg_new"
+    assert left_out == len(before) - len(history)
+    # Past the budget, but not by more than the oldest turn: the read stopped at once.
+    sizes = [chars[m.id] for m in history]
+    second_turn = next(i for i, m in enumerate(history) if i > 0 and m.role == "user")
+    assert sum(sizes[second_turn:]) <= 20_000 < sum(sizes)
+    # Tool calls keep the offset llm.replay needs (the API's JSON leaves it out).
+    calls = [c for m in history for c in m.tool_calls]
+    assert len(calls) > 10 and {c.text_offset for c in calls} == {7}
+
+
+@pytest.mark.parametrize("max_context_tokens", [300, 1500, 5000, 40_000, 200_000])
+def test_the_bounded_history_makes_the_same_prompt_as_the_whole_chat(
+    db: Database, max_context_tokens: int
+) -> None:
+    before = long_chat(db)
+    history, left_out = db.history("chat_long", "msg_reply", 4 * max_context_tokens)
+    assert (left_out == 0) == (max_context_tokens == 200_000)
+
+    def prompt(messages: list[Message], left_out: int) -> list[Any]:
+        return llm.build_prompt(
+            chat_prompt=None,
+            default_prompt=None,
+            history=messages,
+            max_context_tokens=max_context_tokens,
+            reserve_tokens=100,
+            left_out=left_out,
+        )
+
+    assert prompt(history, left_out) == prompt(before, 0)
+
+
+def test_history_with_a_budget_below_one_turn_is_still_the_newest_turn(db: Database) -> None:
+    before = long_chat(db)
+    assert db.history("chat_long", "msg_reply", 0) == (before[-1:], 2000)
+    # Before a user message, the newest turn is the previous question and its reply.
+    last_turn, left_out = db.history("chat_long", "msg_new", 0)
+    assert last_turn == before[-3:-1] and left_out == 1998
+    assert [c.text_offset for c in last_turn[1].tool_calls] == [7]
+
+
+def test_history_of_a_short_chat_is_all_of_it(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    exchange(db, "chat_a", 1)
+    assert db.history("chat_a", "msg_a1", 400_000) == (db.list_messages("chat_a", 1, None)[0], 0)
+    finish(db, "msg_a1")
+    exchange(db, "chat_a", 2)
+    finish(db, "msg_a2")
+    exchange(db, "chat_a", 3)
+    everything, _ = db.list_messages("chat_a", 5, None)
+    assert db.history("chat_a", "msg_a3", 400_000) == (everything, 0)
+    # A budget below the whole chat stops at a turn; at the first one, nothing is left out.
+    assert db.history("chat_a", "msg_a3", 0) == (everything[-1:], 4)
+    assert db.history("chat_a", "msg_a1", 0) == (everything[:1], 0)
+    assert db.history("chat_a", "msg_nope", 400_000) == ([], 0)

@@ -119,6 +119,55 @@ def test_build_prompt_drops_the_oldest_whole_turns_and_says_so() -> None:
     assert total <= 3000
 
 
+def test_build_prompt_counts_the_messages_left_out_before_the_history() -> None:
+    short = [message("user", "q1"), message("assistant", "a1"), message("user", "q2")]
+    prompt = llm.build_prompt(
+        chat_prompt=None,
+        default_prompt=None,
+        history=short,
+        max_context_tokens=10_000,
+        left_out=40,
+    )
+    assert len(prompt) == 4
+    assert "The 40 oldest messages of this chat are not shown" in str(prompt[0]["content"])
+    history = []
+    for i in range(50):
+        history += [message("user", f"question {i} " + "x" * 400), message("assistant", "y" * 400)]
+    history.append(message("user", "the new question"))
+    prompt = llm.build_prompt(
+        chat_prompt=None,
+        default_prompt=None,
+        history=history,
+        max_context_tokens=3000,
+        reserve_tokens=100,
+        left_out=1234,
+    )
+    kept = len(prompt) - 1
+    assert 1 < kept < len(history)
+    assert f"The {1234 + len(history) - kept} oldest messages" in str(prompt[0]["content"])
+
+
+def test_build_prompt_counts_messages_of_the_chat_not_the_prompt_messages_they_replay_as() -> None:
+    call = {"id": "c1", "name": "calculate", "arguments": {"expression": "6*7"}, "result": 42}
+    history = [
+        message("user", "old question " + "x" * 6000),
+        # One message of the chat, three of the prompt (text, tool call, tool result, text).
+        message("assistant", "Let me check. It is 42.", tool_calls=[call | {"text_offset": 14}]),
+        message("user", "another old question " + "x" * 6000),
+        message("assistant", ""),  # failed before writing anything: never replayed
+        message("user", "the new question"),
+    ]
+    prompt = llm.build_prompt(
+        chat_prompt=None,
+        default_prompt=None,
+        history=history,
+        max_context_tokens=1500,
+        reserve_tokens=100,
+    )
+    assert prompt[1:] == [{"role": "user", "content": "the new question"}]
+    assert "The 4 oldest messages" in str(prompt[0]["content"])
+
+
 def test_build_prompt_always_keeps_the_new_message_even_if_huge() -> None:
     history = [message("user", "old"), message("assistant", "old"), message("user", "z" * 50_000)]
     prompt = llm.build_prompt(
