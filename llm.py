@@ -281,6 +281,19 @@ def _aiohttp_cause(error: BaseException) -> aiohttp.ClientConnectionError | None
     return None
 
 
+def cause_of(error: LLMError, client: AsyncOpenAI) -> str:
+    """What lay under one of our errors, for the log: each exception of the chain, outermost
+    first (the SDK's words, then the transport's), with the API key scrubbed (a provider's
+    error text may quote it)."""
+    parts: list[str] = []
+    seen = error.__cause__ or error.__context__
+    while seen is not None and len(parts) < 4:
+        text = _scrub(str(seen), client).replace("\n", " ")[:160]
+        parts.append(f"{type(seen).__name__}: {text}" if text else type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts) or "no further detail"
+
+
 def translate_error(error: BaseException, client: AsyncOpenAI) -> LLMError:
     """The SDK's exceptions as our one error type (timeout first: it is a connection error)."""
     if isinstance(error, LLMError):

@@ -369,6 +369,10 @@ class ReplyRegistry:
                         }
                     )
         except llm.LLMError as error:
+            # The client gets the code; the operator also gets what lay under it.
+            logger.warning(
+                "reply {} failed: {} ({})", reply.id, error.code, llm.cause_of(error, config.client)
+            )
             return Outcome("failed", None, MessageError(code=error.code, message=error.message))
         assert end is not None
         if end.finish_reason == "length":

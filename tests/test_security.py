@@ -150,7 +150,9 @@ def test_the_key_is_in_no_log_line_and_no_error_body(
     assert len(fake.requests) == 6
     service.stop()  # all its output flushed
     log = service.log()
-    assert "no title for chat" in log  # the failures were logged...
+    assert "no title for chat" in log  # the failures were logged, with what lay under them...
+    assert "failed: auth_failed (AuthenticationError: " in log
+    assert "failed: provider_error (BadRequestError: " in log
     for text in [*bodies, log]:  # ...and nothing, anywhere, holds the key
         assert KEY not in text
         assert "not-a-real-key" not in text
