@@ -480,10 +480,13 @@ class ReplyRegistry:
             ]
             try:
                 await anyio.to_thread.run_sync(self.db.checkpoint_replies, saves)
-            except sqlite3.Error as error:
+            except Exception as error:  # this task serves every reply: it must not end
                 for reply in changed:
                     reply.dirty = True  # try again at the next interval
-                logger.warning("checkpoint of {} replies failed: {}", len(changed), error)
+                if isinstance(error, sqlite3.Error):
+                    logger.warning("checkpoint of {} replies failed: {}", len(changed), error)
+                else:
+                    logger.exception("checkpoint of {} replies failed", len(changed))
         # No await since `self.active` was found empty: start() sees this at once.
         self.checkpointing = False
 
