@@ -445,18 +445,9 @@ class Database:
             if tx.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
                 return None
             if idempotency_key is not None:
-                seen = tx.execute(
-                    "SELECT content_sha256, user_message_id, assistant_message_id"
-                    " FROM idempotency_keys WHERE chat_id = ? AND key = ?",
-                    (chat_id, idempotency_key),
-                ).fetchone()
-                if seen is not None:
-                    if seen["content_sha256"] != digest:
-                        return KeyReused()
-                    user = self._message_by_id(tx, seen["user_message_id"])
-                    reply = self._message_by_id(tx, seen["assistant_message_id"])
-                    if user is not None and reply is not None:
-                        return Replayed(user, reply)
+                earlier = self._earlier_send(tx, chat_id, idempotency_key, digest)
+                if earlier is not None:
+                    return earlier
             busy = tx.execute(
                 "SELECT id FROM messages WHERE chat_id = ? AND status = 'in_progress'",
                 (chat_id,),
@@ -493,6 +484,29 @@ class Database:
             reply = self._message_by_id(tx, reply_id)
             assert user is not None and reply is not None
             return Started(user, reply)
+
+    def earlier_send(
+        self, chat_id: str, idempotency_key: str, content: str
+    ) -> Replayed | KeyReused | None:
+        """What a send with this Idempotency-Key stored before, if it did (a read only)."""
+        digest = hashlib.sha256(content.encode()).hexdigest()
+        return self._earlier_send(self.connection(), chat_id, idempotency_key, digest)
+
+    def _earlier_send(
+        self, conn: sqlite3.Connection, chat_id: str, key: str, digest: str
+    ) -> Replayed | KeyReused | None:
+        seen = conn.execute(
+            "SELECT content_sha256, user_message_id, assistant_message_id"
+            " FROM idempotency_keys WHERE chat_id = ? AND key = ?",
+            (chat_id, key),
+        ).fetchone()
+        if seen is None:
+            return None
+        if seen["content_sha256"] != digest:
+            return KeyReused()
+        user = self._message_by_id(conn, seen["user_message_id"])
+        reply = self._message_by_id(conn, seen["assistant_message_id"])
+        return Replayed(user, reply) if user is not None and reply is not None else None
 
     @staticmethod
     def _message_by_id(conn: sqlite3.Connection, message_id: str) -> Message | None:

@@ -26,7 +26,16 @@ from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import llm
-from db import Busy, ChatFull, Database, KeyReused, NotFoundError, Replayed, Started
+from db import (
+    Busy,
+    ChatFull,
+    Database,
+    KeyReused,
+    NotFoundError,
+    Replayed,
+    SendOutcome,
+    Started,
+)
 from middleware import RequestLog
 from replies import Reply, ReplyConfig, ReplyRegistry, model_frame
 from schemas import (
@@ -447,27 +456,39 @@ async def create_message(
     # in); the registry only hears of it when a stream notices, up to 0.5 s later.
     if registry.closing or AppStatus.should_exit:
         raise HTTPException(503, "The server is shutting down.", headers={"Retry-After": "5"})
+    outcome: SendOutcome | None
     if len(registry.active) + registry.starting >= settings.max_active_replies:
-        raise HTTPException(
-            503, "Too many replies in progress; try again shortly.", headers={"Retry-After": "2"}
-        )
-    # Hold a slot while the database works: sends that race each other all passed the check
-    # above before any of them started its reply, and overshot the limit.
-    registry.starting += 1
-    try:
-        outcome = await anyio.to_thread.run_sync(
-            lambda: db.start_exchange(
-                chat_id=chat.id,
-                user_message_id=new_id("msg"),
-                reply_id=new_id("msg"),
-                content=content,
-                model=chat.model,
-                idempotency_key=idempotency_key,
-                max_messages=settings.max_messages_per_chat,
+        # A retry of a send that was stored starts nothing: it gets what the first got
+        # (API.md), full or not.
+        earlier = None
+        if idempotency_key is not None:
+            key = idempotency_key
+            earlier = await anyio.to_thread.run_sync(db.earlier_send, chat.id, key, content)
+        if earlier is None:
+            raise HTTPException(
+                503,
+                "Too many replies in progress; try again shortly.",
+                headers={"Retry-After": "2"},
             )
-        )
-    finally:
-        registry.starting -= 1  # no await from here to registry.start(): still atomic
+        outcome = earlier
+    else:
+        # Hold a slot while the database works: sends that race each other all passed the
+        # check above before any of them started its reply, and overshot the limit.
+        registry.starting += 1
+        try:
+            outcome = await anyio.to_thread.run_sync(
+                lambda: db.start_exchange(
+                    chat_id=chat.id,
+                    user_message_id=new_id("msg"),
+                    reply_id=new_id("msg"),
+                    content=content,
+                    model=chat.model,
+                    idempotency_key=idempotency_key,
+                    max_messages=settings.max_messages_per_chat,
+                )
+            )
+        finally:
+            registry.starting -= 1  # no await from here to registry.start(): still atomic
     match outcome:
         case None:
             raise HTTPException(404, "Chat not found.")

@@ -127,6 +127,43 @@ def test_max_active_replies_is_503_with_retry_after_then_frees_up(
         assert start_reply(client, chats[10]["id"], "go").status_code == 202
 
 
+def test_a_retried_send_gets_its_reply_even_when_replies_are_at_the_limit(
+    start_service: ServiceFactory, fake: FakeOpenAI
+) -> None:
+    """API.md: a retry with the same Idempotency-Key gets what the first request got. The
+    limit on replies in progress must not turn that into a 503: the retry starts nothing."""
+    service = start_service(MAX_ACTIVE_REPLIES="1")
+    fake.default = Reply(chunks=[f"w{i} " for i in range(40)], delay=0.05)
+    with service.client() as client:
+        chat, other = make_chat(client), make_chat(client)
+        keyed = {"Accept": "application/json", "Idempotency-Key": "send-1"}
+        url = f"/chats/{chat['id']}/messages"
+        first = client.post(url, json={"content": "go"}, headers=keyed)
+        assert first.status_code == 202
+        # Full: a new send elsewhere is refused...
+        assert start_reply(client, other["id"], "go").status_code == 503
+        # ...but the retry gets the same two messages, and stores nothing new.
+        again = client.post(url, json={"content": "go"}, headers=keyed)
+        assert again.status_code == 202, again.text
+        assert again.headers["location"] == first.headers["location"]
+        ids = [first.json()[k]["id"] for k in ("user_message", "assistant_message")]
+        assert [again.json()[k]["id"] for k in ("user_message", "assistant_message")] == ids
+        # Its stream form too: the reply's events, after the user message.
+        with client.stream(
+            "POST", url, json={"content": "go"}, headers={"Idempotency-Key": "send-1"}
+        ) as streamed:
+            assert streamed.status_code == 200
+            assert streamed.headers["location"] == first.headers["location"]
+        # The same key with other content is still the 422 it always is.
+        other_content = client.post(url, json={"content": "stop"}, headers=keyed)
+        assert other_content.status_code == 422
+        # A new key is a new send: refused while full.
+        fresh = {"Accept": "application/json", "Idempotency-Key": "send-2"}
+        assert client.post(url, json={"content": "go"}, headers=fresh).status_code == 503
+        assert len(history(client, chat["id"])) == 2
+        assert client.get("/healthz").json()["active_replies"] == 1
+
+
 def test_max_reply_seconds_ends_the_reply_incomplete_keeping_its_text(
     start_service: ServiceFactory, fake: FakeOpenAI
 ) -> None:
