@@ -19,7 +19,8 @@ MAX_HEADER_BYTES = 64 * 1024
 
 class RequestLog:
     """Pure ASGI middleware: one log line per request, the request body size limit (413
-    before the body is read, whatever the route) and the header size limit (431)."""
+    before the body is read, whatever the route), the header size limit (431), and HEAD
+    answered as GET without its body."""
 
     def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.app = app
@@ -54,7 +55,13 @@ class RequestLog:
                 )
                 await response(scope, receive, send_logged)
                 return
-            await self.app(scope, self._limited(receive), send_logged)
+            inner = scope
+            if scope["method"] == "HEAD" and not scope["path"].endswith("/stream"):
+                # FastAPI routes GET alone; HEAD is GET without the body, which uvicorn drops
+                # itself (its own scope still says HEAD). A stream's HEAD stays 405: as a GET
+                # it would follow a live reply to its end to send nothing.
+                inner = {**scope, "method": "GET"}
+            await self.app(inner, self._limited(receive), send_logged)
         except SendTimeoutError:
             # STREAM_SEND_TIMEOUT: the client stopped reading. Its subscription is closed, the
             # reply goes on; a warning, not a traceback, since the server did nothing wrong.

@@ -631,6 +631,34 @@ def test_healthz_and_openapi_document_every_route(client: httpx2.Client) -> None
     assert all(operations[key].get("description") for key in expected)
 
 
+def test_head_is_get_without_the_body(client: httpx2.Client) -> None:
+    chat = make_chat(client)
+    _, events = send(client, chat["id"], "hello")
+    reply_id = events[-1].message()["id"]
+    urls = [
+        f"/chats/{chat['id']}",
+        "/chats",
+        f"/chats/{chat['id']}/messages",
+        f"/chats/{chat['id']}/messages/{reply_id}",
+        "/healthz",
+        "/",
+    ]
+    for url in urls:
+        got, head = client.get(url), client.head(url)
+        assert head.status_code == got.status_code == 200, url
+        assert head.content == b"" and got.content, url
+        assert head.headers["content-type"] == got.headers["content-type"], url
+        if url != "/healthz":  # its body holds live numbers
+            assert head.headers["content-length"] == got.headers["content-length"], url
+    missing = client.head("/chats/chat_doesnotexist0000000000")
+    assert missing.status_code == 404 and missing.content == b""
+    # A stream's HEAD would follow a live reply to send nothing: it stays not allowed.
+    stream = client.head(f"/chats/{chat['id']}/messages/{reply_id}/stream")
+    assert stream.status_code == 405
+    # And HEAD is only ever a read: it cannot reach a route of another method.
+    assert client.head(f"/chats/{chat['id']}/messages/{reply_id}/cancel").status_code == 405
+
+
 # Crashes
 
 
