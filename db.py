@@ -131,11 +131,23 @@ class NotFoundError(LookupError):
 
 
 @dataclass(frozen=True)
+class PromptContext:
+    """What a reply's prompt is built from: its chat, the newest turns a prompt could keep,
+    and how many older messages were not read (see `Database.history`)."""
+
+    chat: Chat
+    history: list[Message]
+    left_out: int
+
+
+@dataclass(frozen=True)
 class Started:
-    """The user message and the reply were stored; the reply must now be generated."""
+    """The user message and the reply were stored; the reply must now be generated. With
+    `context_chars`, the reply's prompt context was read in the same transaction."""
 
     user_message: Message
     reply: Message
+    context: PromptContext | None = None
 
 
 @dataclass(frozen=True)
@@ -437,9 +449,11 @@ class Database:
         model: str,
         idempotency_key: str | None,
         max_messages: int,
+        context_chars: int | None = None,
     ) -> SendOutcome | None:
         """Atomically store a user message and its `in_progress` reply, unless the chat is gone
-        (None), busy, full, or the idempotency key was seen before."""
+        (None), busy, full, or the idempotency key was seen before; with `context_chars`, also
+        read the reply's prompt context (one thread hop per send fewer than reading it later)."""
         digest = hashlib.sha256(content.encode()).hexdigest()
         with self.transaction() as tx:
             if tx.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
@@ -483,7 +497,10 @@ class Database:
             user = self._message_by_id(tx, user_message_id)
             reply = self._message_by_id(tx, reply_id)
             assert user is not None and reply is not None
-            return Started(user, reply)
+            context = None
+            if context_chars is not None:
+                context = self.prompt_context(chat_id, reply_id, context_chars)
+            return Started(user, reply, context)
 
     def earlier_send(
         self, chat_id: str, idempotency_key: str, content: str
@@ -592,6 +609,14 @@ class Database:
             is not None
         )
         return b'{"data":[' + data + b'],"has_more":' + (b"true}" if has_more else b"false}")
+
+    def prompt_context(self, chat_id: str, reply_id: str, max_chars: int) -> PromptContext | None:
+        """A reply's chat and its history (see `history`), or None if the chat is gone."""
+        chat = self.get_chat(chat_id)
+        if chat is None:
+            return None
+        history, left_out = self.history(chat_id, reply_id, max_chars)
+        return PromptContext(chat, history, left_out)
 
     def history(
         self, chat_id: str, before_message_id: str, max_chars: int

@@ -485,6 +485,7 @@ async def create_message(
                     model=chat.model,
                     idempotency_key=idempotency_key,
                     max_messages=settings.max_messages_per_chat,
+                    context_chars=registry.history_chars,
                 )
             )
         finally:
@@ -512,8 +513,8 @@ async def create_message(
             )
         case ChatFull(limit=limit):
             raise HTTPException(409, f"This chat is full ({limit} messages); start a new one.")
-        case Started(user_message=user, reply=reply_message):
-            registry.start(chat, reply_message)
+        case Started(user_message=user, reply=reply_message, context=context):
+            registry.start(chat, reply_message, context)
         case Replayed(user_message=user, reply=reply_message):
             pass
     location = f"/chats/{chat.id}/messages/{reply_message.id}/stream"

@@ -20,7 +20,7 @@ from pydantic import BaseModel, JsonValue
 
 import llm
 import tools
-from db import Checkpoint, Database
+from db import Checkpoint, Database, PromptContext
 from schemas import Chat, Message, MessageError, ToolCallRecord, ToolCallRequest, Usage
 
 
@@ -75,6 +75,7 @@ class Reply:
         self.stop: Outcome | None = None
         self.scope: anyio.CancelScope | None = None
         self.final: Message | None = None
+        self.context: PromptContext | None = None  # handed over by start(), used once
         self.done = anyio.Event()
         self.dirty = False
         self.started = time.monotonic()
@@ -180,6 +181,12 @@ class ReplyRegistry:
         self.unsaved: dict[str, dict[str, Any]] = {}
         self.save_retry_interval = 1.0
 
+    @property
+    def history_chars(self) -> int:
+        """How much history a prompt could keep, in characters: llm.estimate_tokens counts a
+        token per 4 characters at most, so 4 per token of the context bounds it."""
+        return 4 * self.config.max_context_tokens
+
     def get(self, message_id: str) -> Reply | None:
         """A reply in progress or recently finished, with its event log."""
         return self.active.get(message_id) or self.finished.get(message_id)
@@ -188,9 +195,11 @@ class ReplyRegistry:
         """The chat's reply in progress, if any."""
         return next((r for r in self.active.values() if r.chat.id == chat_id), None)
 
-    def start(self, chat: Chat, message: Message) -> Reply:
-        """Begin writing the reply `message` (stored `in_progress`) in the background."""
+    def start(self, chat: Chat, message: Message, context: PromptContext | None = None) -> Reply:
+        """Begin writing the reply `message` (stored `in_progress`) in the background, from
+        its prompt context if the caller has read it already."""
         reply = Reply(chat, message)
+        reply.context = context
         reply.append("message.created", message.model_dump_json())
         self.active[reply.id] = reply
         self.task_group.start_soon(self._run, reply, name=f"reply {reply.id}")
@@ -279,19 +288,16 @@ class ReplyRegistry:
                     message="No model is configured: set OPENAI_API_KEY or OPENAI_BASE_URL.",
                 ),
             )
-        # One thread hop for both reads: each hop costs the event loop a task, a cancel scope
-        # and a capacity-limiter round (bench profile under 50 senders).
-        db = self.db
-        # Only as much history as a prompt could keep: llm.estimate_tokens counts a token per
-        # 4 characters at most, so 4 per token of the context bounds it.
-        max_chars = 4 * config.max_context_tokens
-        found, (history, left_out) = await anyio.to_thread.run_sync(
-            lambda: (
-                db.get_chat(reply.chat.id),
-                db.history(reply.chat.id, reply.id, max_chars),
+        # Usually read by the send that started this reply, in its transaction: each thread
+        # hop costs the event loop a task, a cancel scope and a capacity-limiter round, and
+        # the worker thread waits to win the GIL back from a busy loop (bench/README.md).
+        prompt, reply.context = reply.context, None
+        if prompt is None:
+            prompt = await anyio.to_thread.run_sync(
+                self.db.prompt_context, reply.chat.id, reply.id, self.history_chars
             )
-        )
-        chat = found or reply.chat
+        chat = prompt.chat if prompt else reply.chat
+        history, left_out = (prompt.history, prompt.left_out) if prompt else ([], 0)
         schemas = tools.tool_schemas(config.tools) if config.tools else []
         messages = llm.build_prompt(
             chat_prompt=chat.system_prompt,

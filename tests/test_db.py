@@ -405,6 +405,32 @@ def test_history_with_a_budget_below_one_turn_is_still_the_newest_turn(db: Datab
     assert [c.text_offset for c in last_turn[1].tool_calls] == [7]
 
 
+def test_a_send_can_read_its_prompt_context_in_its_own_transaction(db: Database) -> None:
+    db.create_chat("chat_a", None, None, "m")
+    exchange(db, "chat_a", 1)
+    finish(db, "msg_a1")
+    outcome = db.start_exchange(
+        chat_id="chat_a",
+        user_message_id="msg_u2",
+        reply_id="msg_a2",
+        content="and now?",
+        model="m",
+        idempotency_key=None,
+        max_messages=100,
+        context_chars=400_000,
+    )
+    assert isinstance(outcome, Started) and outcome.context is not None
+    # The same as reading it afterwards: the chat as the send left it, the history up to the
+    # new question, nothing left out.
+    assert outcome.context == db.prompt_context("chat_a", "msg_a2", 400_000)
+    assert outcome.context.chat == db.get_chat("chat_a")
+    assert [m.id for m in outcome.context.history] == ["msg_u1", "msg_a1", "msg_u2"]
+    assert outcome.context.left_out == 0
+    # Without context_chars nothing more is read; a chat that is gone has no context.
+    assert isinstance(exchange(db, "chat_a", 3), Busy)
+    assert db.prompt_context("chat_nope", "msg_a2", 400_000) is None
+
+
 def test_history_of_a_short_chat_is_all_of_it(db: Database) -> None:
     db.create_chat("chat_a", None, None, "m")
     exchange(db, "chat_a", 1)

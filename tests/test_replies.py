@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import llm
-from db import Database, Started
+from db import Database, PromptContext, Started
 from replies import Reply, ReplyConfig, ReplyRegistry, frame, model_frame
 from schemas import Chat, Message
 from tests.fake_openai import FakeOpenAI, ToolCall, text
@@ -273,6 +273,37 @@ def test_one_checkpoint_task_saves_every_reply_in_progress(
     assert all(mid.startswith("p0 p1 ") and len(mid) < len(whole) for mid in mids), mids
     assert finals == [whole, whole]
     assert tasks.count("checkpoints") == 1
+
+
+def test_a_reply_builds_its_prompt_from_the_context_it_was_started_with(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """The send hands over the prompt context it read in its transaction; the reply uses it
+    and does not read the chat again (here the two differ, to tell which one was used)."""
+
+    async def main() -> Message:
+        db, stored, outcome = started_exchange(tmp_path, "chat_ctx")
+        fake.push(text("ok"))
+        client = llm.make_client(api_key="k", base_url=fake.base_url, timeout=5, max_retries=0)
+        config = ReplyConfig(client=client, generate_titles=False)
+        handed = db.prompt_context("chat_ctx", "msg_a", 400_000)
+        assert handed is not None
+        marked = handed.history[-1].model_copy(update={"content": "from the handed context"})
+        context = PromptContext(handed.chat, [marked], left_out=7)
+        async with anyio.create_task_group() as group:
+            registry = ReplyRegistry(db, config, group)
+            reply = registry.start(stored, outcome.reply, context)
+            await reply.done.wait()
+        await client.close()
+        db.close()
+        assert reply.final is not None
+        return reply.final
+
+    final = anyio.run(main)
+    assert final.status == "completed"
+    sent = fake.requests[-1]["messages"]
+    assert sent[-1] == {"role": "user", "content": "from the handed context"}
+    assert llm.TRIMMED_NOTE.format(count=7) in sent[0]["content"]  # the left-out count
 
 
 def test_the_round_limit_ends_the_reply_incomplete(tmp_path: Path, fake: FakeOpenAI) -> None:
