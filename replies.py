@@ -40,7 +40,7 @@ def model_frame(name: str, model: BaseModel, event_id: int | None = None) -> byt
     return frame(name, model.model_dump_json(), event_id)
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One event of a reply's log. A `message.delta` stays open, taking more text, until a
     subscriber reads it; then it is sealed and encoded once. A fast model with slow readers
@@ -129,6 +129,9 @@ class Reply:
                 ).encode()
             else:
                 entry.encoded = frame(entry.name, entry.data or "null", index + 1)
+            # Sealed: only the wire bytes are kept (the log is held for replays, and the
+            # pieces, their list and the data were a second copy: ~30 KB a 200-chunk reply).
+            entry.parts = entry.data = None
         return entry.encoded
 
     async def follow(self, after: int = 0) -> AsyncIterator[bytes]:
