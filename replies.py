@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Any
 
 import anyio
@@ -81,6 +83,9 @@ class Reply:
         self.started = time.monotonic()
         self.finished_at: float | None = None
         self.size = 0
+        self.events = 0  # the log's length (its newest id)
+        self._wire = b""  # a finished log, compacted: its events' bytes back to back...
+        self._ends: array[int] | None = None  # ...and where each ends
         self._changed = anyio.Event()
         # Deltas are encoded by hand: the message id is fixed, only the text varies.
         self._delta_prefix = f'data: {{"message_id":{json.dumps(self.id)},"delta":'
@@ -88,7 +93,7 @@ class Reply:
     @property
     def last_event_id(self) -> int:
         """The id of the newest event (ids count from 1)."""
-        return len(self.entries)
+        return self.events
 
     def content(self) -> str:
         """The text so far."""
@@ -103,6 +108,7 @@ class Reply:
     def append(self, name: str, data: str) -> None:
         """Add an event to the log and wake the subscribers."""
         self.entries.append(Entry(name, data=data))
+        self.events += 1
         self.size += len(data)
         self._notify()
 
@@ -116,10 +122,13 @@ class Reply:
             last.parts.append(text)
         else:
             self.entries.append(Entry("message.delta", parts=[text]))
+            self.events += 1
         self._notify()
 
     def encoded(self, index: int) -> bytes:
         """The wire bytes of the event at `index` (id index + 1), sealing it."""
+        if self._ends is not None:
+            return self._wire[self._ends[index - 1] if index else 0 : self._ends[index]]
         entry = self.entries[index]
         if entry.encoded is None:
             if entry.parts is not None:
@@ -134,12 +143,23 @@ class Reply:
             entry.parts = entry.data = None
         return entry.encoded
 
+    def compact(self) -> None:
+        """Keep a finished log as one bytes object and where each event ends: all a replay
+        needs, without an object per event (a 200-event log was ~40 KB of objects for a few
+        KB of bytes), and `size` becomes what the log really holds, so KEEP_FINISHED_BYTES
+        bounds the memory it names."""
+        wire = [self.encoded(index) for index in range(self.events)]
+        self._wire = b"".join(wire)
+        self._ends = array("I", accumulate(map(len, wire)))  # 4 bytes each
+        self.entries = []
+        self.size = len(self._wire) + self._ends.itemsize * len(self._ends)
+
     async def follow(self, after: int = 0) -> AsyncIterator[bytes]:
         """The events after id `after`, then live ones until `message.done`."""
         index = max(after, 0)
         while True:
             changed = self._changed
-            while index < len(self.entries):
+            while index < self.events:
                 yield self.encoded(index)
                 index += 1
             if self.final is not None:
@@ -540,6 +560,7 @@ class ReplyRegistry:
             self.task_group.start_soon(self._save_later, reply.id, name=f"save {reply.id}")
         reply.final = final
         reply.append("message.done", final.model_dump_json())
+        reply.compact()
         reply.finished_at = time.monotonic()
         self.active.pop(reply.id, None)
         self.finished[reply.id] = reply

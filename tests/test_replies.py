@@ -147,6 +147,33 @@ def test_follow_after_skips_what_the_client_saw() -> None:
     assert anyio.run(main) == [b"id: 3\nevent: message.done\ndata: {}\n\n"]
 
 
+def test_a_compacted_log_replays_the_same_bytes_and_says_its_true_size() -> None:
+    async def replays(reply: Reply) -> list[list[bytes]]:
+        return [[data async for data in reply.follow(after)] for after in range(6)]
+
+    def finished() -> Reply:
+        reply = Reply(chat(), reply_message())
+        reply.append("message.created", '{"id":"msg_r"}')
+        reply.add_text("Hello, ")
+        reply.encoded(1)  # read: sealed
+        reply.add_text("wörld")
+        reply.add_text(' "quoted"\n')  # never read: still open, merged
+        reply.append("chat.updated", '{"title":"T"}')
+        reply.final = reply_message('Hello, wörld "quoted"\n', "completed")
+        reply.append("message.done", reply.final.model_dump_json())
+        return reply
+
+    live, compacted = finished(), finished()
+    compacted.compact()
+    before, after = anyio.run(replays, live), anyio.run(replays, compacted)
+    assert after == before and len(before[0]) == 5
+    assert [compacted.encoded(i) for i in range(5)] == before[0]
+    assert compacted.last_event_id == live.last_event_id == 5
+    assert compacted.entries == []
+    # What KEEP_FINISHED_BYTES counts is now the bytes kept, plus 4 per event for their ends.
+    assert compacted.size == sum(map(len, before[0])) + 4 * 5
+
+
 def started_exchange(tmp_path: Path, chat_id: str) -> tuple[Database, Chat, Started]:
     """A fresh database with a chat whose user message "hello" awaits its reply `msg_a`."""
     db = Database(tmp_path / "chat.db")
