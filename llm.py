@@ -283,13 +283,23 @@ def _aiohttp_cause(error: BaseException) -> aiohttp.ClientConnectionError | None
 
 def cause_of(error: LLMError, client: AsyncOpenAI) -> str:
     """What lay under one of our errors, for the log: each exception of the chain, outermost
-    first (the SDK's words, then the transport's), with the API key scrubbed (a provider's
-    error text may quote it)."""
+    first. A provider's answer is given as its status alone, since its text may quote the
+    conversation (logs hold no message text) or the key; a transport's words are kept."""
     parts: list[str] = []
+    visited = {id(error)}  # `raise translate_error(e) from e` can make an error its own cause
     seen = error.__cause__ or error.__context__
-    while seen is not None and len(parts) < 4:
-        text = _scrub(str(seen), client).replace("\n", " ")[:160]
-        parts.append(f"{type(seen).__name__}: {text}" if text else type(seen).__name__)
+    while seen is not None and id(seen) not in visited and len(parts) < 4:
+        visited.add(id(seen))
+        name = type(seen).__name__
+        if isinstance(seen, LLMError):
+            pass  # ours: the client got its words already
+        elif isinstance(seen, openai.APIStatusError | httpx2.HTTPStatusError):
+            parts.append(f"{name}: {seen.response.status_code}")
+        elif isinstance(seen, openai.APIError) and not isinstance(seen, openai.APIConnectionError):
+            parts.append(name)  # an error object in the stream: the provider's words again
+        else:
+            text = _scrub(str(seen), client).replace("\n", " ")[:160]
+            parts.append(f"{name}: {text}" if text else name)
         seen = seen.__cause__ or seen.__context__
     return " <- ".join(parts) or "no further detail"
 
@@ -429,6 +439,8 @@ async def stream_turn(
                         calls.add(delta["tool_calls"])
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
+    except LLMError:
+        raise  # ours already (an error object in the stream)
     except Exception as error:
         raise translate_error(error, client) from error
     else:

@@ -151,8 +151,9 @@ def test_the_key_is_in_no_log_line_and_no_error_body(
     service.stop()  # all its output flushed
     log = service.log()
     assert "no title for chat" in log  # the failures were logged, with what lay under them...
-    assert "failed: auth_failed (AuthenticationError: " in log
-    assert "failed: provider_error (BadRequestError: " in log
+    assert "failed: auth_failed (AuthenticationError: 401 <- HTTPStatusError: 401)" in log
+    assert "failed: provider_error (BadRequestError: 400 <- HTTPStatusError: 400)" in log
+    assert "Incorrect API key provided" not in log  # the provider's text stays out of logs
     for text in [*bodies, log]:  # ...and nothing, anywhere, holds the key
         assert KEY not in text
         assert "not-a-real-key" not in text
