@@ -173,11 +173,9 @@ def measure_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any
                     break  # far past the limit: larger N only takes longer to fail
         ok = [lv["streams"] for lv in levels if lv["errors"] == 0 and lv["lateness_ms_p99"] <= 100]
         points = [(lv["streams"], lv["peak_rss_mb"] * 1024) for lv in levels]
-        out["concurrent"] = {
-            "levels": levels,
-            "max_streams_ok": max(ok, default=0),
-            "rss_kb_per_stream": slope(points),
-        }
+        out["concurrent"] = {"levels": levels, "max_streams_ok": max(ok, default=0)}
+        if len(points) >= 2:  # a slope needs two levels; one would read as 0 KB, "met"
+            out["concurrent"]["rss_kb_per_stream"] = slope(points)
     return out
 
 
