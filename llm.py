@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,16 +269,14 @@ def _scrub(text: str, client: AsyncOpenAI) -> str:
     return text.replace(key, "***") if key and len(key) > 8 else text
 
 
-def _aiohttp_cause(error: BaseException) -> aiohttp.ClientConnectionError | None:
-    """The aiohttp connection error under an SDK or httpx2 exception, if there is one."""
-    seen: BaseException | None = error
-    for _ in range(5):  # SDK error <- httpx2 error <- aiohttp error
-        if seen is None:
-            return None
-        if isinstance(seen, aiohttp.ClientConnectionError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The exceptions under `error`, outermost first, each once (`raise e from e` loops)."""
+    seen = {id(error)}
+    inner = error.__cause__ or error.__context__
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        yield inner
+        inner = inner.__cause__ or inner.__context__
 
 
 def cause_of(error: LLMError, client: AsyncOpenAI) -> str:
@@ -286,21 +284,21 @@ def cause_of(error: LLMError, client: AsyncOpenAI) -> str:
     first. A provider's answer is given as its status alone, since its text may quote the
     conversation (logs hold no message text) or the key; a transport's words are kept."""
     parts: list[str] = []
-    visited = {id(error)}  # `raise translate_error(e) from e` can make an error its own cause
-    seen = error.__cause__ or error.__context__
-    while seen is not None and id(seen) not in visited and len(parts) < 4:
-        visited.add(id(seen))
-        name = type(seen).__name__
-        if isinstance(seen, LLMError):
-            pass  # ours: the client got its words already
-        elif isinstance(seen, openai.APIStatusError | httpx2.HTTPStatusError):
-            parts.append(f"{name}: {seen.response.status_code}")
-        elif isinstance(seen, openai.APIError) and not isinstance(seen, openai.APIConnectionError):
+    for inner in _causes(error):
+        name = type(inner).__name__
+        if isinstance(inner, LLMError):
+            continue  # ours: the client got its words already
+        if isinstance(inner, openai.APIStatusError | httpx2.HTTPStatusError):
+            parts.append(f"{name}: {inner.response.status_code}")
+        elif isinstance(inner, openai.APIError) and not isinstance(
+            inner, openai.APIConnectionError
+        ):
             parts.append(name)  # an error object in the stream: the provider's words again
         else:
-            text = _scrub(str(seen), client).replace("\n", " ")[:160]
+            text = _scrub(str(inner), client).replace("\n", " ")[:160]
             parts.append(f"{name}: {text}" if text else name)
-        seen = seen.__cause__ or seen.__context__
+        if len(parts) == 4:
+            break
     return " <- ".join(parts) or "no further detail"
 
 
@@ -308,7 +306,10 @@ def translate_error(error: BaseException, client: AsyncOpenAI) -> LLMError:
     """The SDK's exceptions as our one error type (timeout first: it is a connection error)."""
     if isinstance(error, LLMError):
         return error
-    cause = _aiohttp_cause(error)
+    cause = next(
+        (e for e in (error, *_causes(error)) if isinstance(e, aiohttp.ClientConnectionError)),
+        None,
+    )
     if cause is not None and not isinstance(cause, aiohttp.ServerTimeoutError):
         # The SDK's vendored aiohttp transport maps every ClientConnectionError, a refused
         # connection included, to httpx's ConnectTimeout: what failed is in the cause.

@@ -462,8 +462,9 @@ async def create_message(
         # (API.md), full or not.
         earlier = None
         if idempotency_key is not None:
-            key = idempotency_key
-            earlier = await anyio.to_thread.run_sync(db.earlier_send, chat.id, key, content)
+            earlier = await anyio.to_thread.run_sync(
+                db.earlier_send, chat.id, idempotency_key, content
+            )
         if earlier is None:
             raise HTTPException(
                 503,

@@ -37,7 +37,12 @@ def db(tmp_path: Path) -> Iterator[Database]:
 
 
 def exchange(
-    db: Database, chat_id: str, n: int, key: str | None = None, content: str = "q"
+    db: Database,
+    chat_id: str,
+    n: int,
+    key: str | None = None,
+    content: str = "q",
+    context_chars: int | None = None,
 ) -> SendOutcome | None:
     return db.start_exchange(
         chat_id=chat_id,
@@ -47,6 +52,7 @@ def exchange(
         model="m",
         idempotency_key=key,
         max_messages=100,
+        context_chars=context_chars,
     )
 
 
@@ -409,16 +415,7 @@ def test_a_send_can_read_its_prompt_context_in_its_own_transaction(db: Database)
     db.create_chat("chat_a", None, None, "m")
     exchange(db, "chat_a", 1)
     finish(db, "msg_a1")
-    outcome = db.start_exchange(
-        chat_id="chat_a",
-        user_message_id="msg_u2",
-        reply_id="msg_a2",
-        content="and now?",
-        model="m",
-        idempotency_key=None,
-        max_messages=100,
-        context_chars=400_000,
-    )
+    outcome = exchange(db, "chat_a", 2, content="and now?", context_chars=400_000)
     assert isinstance(outcome, Started) and outcome.context is not None
     # The same as reading it afterwards: the chat as the send left it, the history up to the
     # new question, nothing left out.

@@ -174,21 +174,27 @@ def test_a_compacted_log_replays_the_same_bytes_and_says_its_true_size() -> None
     assert compacted.size == sum(map(len, before[0])) + 4 * 5
 
 
-def started_exchange(tmp_path: Path, chat_id: str) -> tuple[Database, Chat, Started]:
-    """A fresh database with a chat whose user message "hello" awaits its reply `msg_a`."""
-    db = Database(tmp_path / "chat.db")
-    db.migrate()
+def start_in(db: Database, chat_id: str, n: str = "") -> tuple[Chat, Started]:
+    """A new chat whose user message "hello" awaits its reply `msg_a{n}`."""
     stored = db.create_chat(chat_id, "t", None, "gpt-4o-mini")
     outcome = db.start_exchange(
         chat_id=stored.id,
-        user_message_id="msg_u",
-        reply_id="msg_a",
+        user_message_id=f"msg_u{n}",
+        reply_id=f"msg_a{n}",
         content="hello",
         model="gpt-4o-mini",
         idempotency_key=None,
         max_messages=100,
     )
     assert isinstance(outcome, Started)
+    return stored, outcome
+
+
+def started_exchange(tmp_path: Path, chat_id: str) -> tuple[Database, Chat, Started]:
+    """A fresh database with a chat whose user message "hello" awaits its reply `msg_a`."""
+    db = Database(tmp_path / "chat.db")
+    db.migrate()
+    stored, outcome = start_in(db, chat_id)
     return db, stored, outcome
 
 
@@ -256,29 +262,14 @@ def test_one_checkpoint_task_saves_every_reply_in_progress(
     async def main() -> tuple[list[str], list[str], list[str]]:
         db = Database(tmp_path / "chat.db")
         db.migrate()
-        chats = []
-        for n in (1, 2):
-            chats.append(db.create_chat(f"chat_{n}", None, None, "m"))
-            db.start_exchange(
-                chat_id=f"chat_{n}",
-                user_message_id=f"msg_u{n}",
-                reply_id=f"msg_a{n}",
-                content="go",
-                model="m",
-                idempotency_key=None,
-                max_messages=100,
-            )
+        started = [start_in(db, f"chat_{n}", str(n)) for n in (1, 2)]
         for _ in (1, 2):
             fake.push(FakeReply(chunks=[f"p{i} " for i in range(30)], delay=0.02))
         client = llm.make_client(api_key="k", base_url=fake.base_url, timeout=5, max_retries=0)
         config = ReplyConfig(client=client, checkpoint_interval=0.05, generate_titles=False)
         async with anyio.create_task_group() as group:
             registry = ReplyRegistry(db, config, group)
-            replies = []
-            for n, chat in zip((1, 2), chats, strict=True):
-                message = db.get_message(f"chat_{n}", f"msg_a{n}")
-                assert message is not None
-                replies.append(registry.start(chat, message))
+            replies = [registry.start(chat, outcome.reply) for chat, outcome in started]
             tasks = [t.get_name() for t in asyncio.all_tasks()]
             await anyio.sleep(0.3)
             mids = [db.get_message(f"chat_{n}", f"msg_a{n}") for n in (1, 2)]
