@@ -3,6 +3,7 @@ cancel, checkpoints to SQLite, and recovery at start-up."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -86,7 +87,9 @@ class Reply:
         self.events = 0  # the log's length (its newest id)
         self._wire = b""  # a finished log, compacted: its events' bytes back to back...
         self._ends: array[int] | None = None  # ...and where each ends
-        self._changed = anyio.Event()
+        # Woken at every change. asyncio's Event, not anyio's: a new one per chunk, and
+        # anyio's looks up the running backend each time (3 µs against 0.3 µs; bench, round 5).
+        self._changed = asyncio.Event()
         # Deltas are encoded by hand: the message id is fixed, only the text varies.
         self._delta_prefix = f'data: {{"message_id":{json.dumps(self.id)},"delta":'
 
@@ -103,7 +106,7 @@ class Reply:
 
     def _notify(self) -> None:
         self._changed.set()
-        self._changed = anyio.Event()
+        self._changed = asyncio.Event()
 
     def append(self, name: str, data: str) -> None:
         """Add an event to the log and wake the subscribers."""
