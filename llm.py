@@ -419,7 +419,7 @@ async def stream_turn(
                 if payload.startswith(b"[DONE]"):
                     done = True
                     break
-                chunk = json.loads(payload)
+                chunk = json.loads(payload.decode())  # text: bytes cost an encoding sniff
                 if not isinstance(chunk, dict):
                     continue
                 if chunk.get("error"):

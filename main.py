@@ -143,8 +143,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with anyio.create_task_group() as task_group:
         registry = ReplyRegistry(db, config, task_group)
         task_group.start_soon(registry.watch_for_shutdown)
+        send_watch = SendWatch(settings.stream_send_timeout)
+        task_group.start_soon(send_watch.run)
         app.state.db = db
         app.state.registry = registry
+        app.state.send_watch = send_watch
         logger.info(
             "ready: database={} model={} provider={}",
             settings.database_path,
@@ -281,19 +284,37 @@ def invalid(location: list[str | int], message: str, kind: str = "value_error") 
     return HTTPException(422, [{"type": kind, "loc": location, "msg": message}])
 
 
-class EventStream(EventSourceResponse):
-    """sse-starlette's response, with its send timeout kept by one watchdog per stream instead
-    of a cancel scope around every send: that scope cost ~6 µs a send, a twentieth of a relayed
-    chunk, and 500 slow streams met their goal only without it (bench/README.md, round 5). A
-    client that takes nothing is dropped 1 to 1.25 × `send_timeout` after the send began."""
+class SendWatch:
+    """Drops clients that stopped reading: one task watches every stream's sends, and drops a
+    stream whose send has waited `timeout` seconds (checked four times a timeout, so after
+    1 to 1.25 × `timeout`). sse-starlette's own timeout wraps each send in a cancel scope, ~6
+    µs a send, a twentieth of a relayed chunk: 500 slow streams met their goal only without it
+    (bench/README.md, round 5)."""
 
-    def __init__(
-        self, frames: AsyncIterator[bytes], *, send_timeout: float, **options: Any
-    ) -> None:
-        super().__init__(frames, send_timeout=send_timeout, **options)
-        self.timeout = send_timeout
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.streams: set[EventStream] = set()
+
+    async def run(self) -> None:
+        """Check the open streams, forever (the lifespan's task group ends it)."""
+        while True:
+            await anyio.sleep(self.timeout / 4)
+            now = time.monotonic()
+            for stream in list(self.streams):
+                since = stream.sending_since
+                if since is not None and now - since >= self.timeout:
+                    stream.drop()
+
+
+class EventStream(EventSourceResponse):
+    """sse-starlette's response, its sends watched by the app's SendWatch."""
+
+    def __init__(self, frames: AsyncIterator[bytes], **options: Any) -> None:
+        super().__init__(frames, **options)
         self.sends = 0  # in progress: the stream's and a ping's may overlap
         self.sending_since: float | None = None  # since when some send has been waiting
+        self.cancel_scope = anyio.CancelScope()
+        self.dropped = False
 
     async def _send_with_timeout(self, send: Send, message: ASGIMessage) -> None:
         # Replaces sse-starlette's (3.7.0, pinned), which wraps each send in move_on_after.
@@ -307,39 +328,32 @@ class EventStream(EventSourceResponse):
             if not self.sends:
                 self.sending_since = None
 
+    def drop(self) -> None:
+        """End the stream now: its client has taken nothing for too long."""
+        self.dropped = True
+        self.cancel_scope.cancel()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stuck = False
-        async with anyio.create_task_group() as watch:
-
-            async def watch_sends() -> None:
-                nonlocal stuck
-                while True:
-                    await anyio.sleep(self.timeout / 4)
-                    since = self.sending_since
-                    if since is not None and time.monotonic() - since >= self.timeout:
-                        stuck = True
-                        watch.cancel_scope.cancel()  # cancels the stream and its sends
-                        return
-
-            watch.start_soon(watch_sends)
-            await super().__call__(scope, receive, send)
-            watch.cancel_scope.cancel()
-        if stuck:
+        watch: SendWatch = scope["app"].state.send_watch
+        watch.streams.add(self)
+        try:
+            with self.cancel_scope:
+                await super().__call__(scope, receive, send)
+        finally:
+            watch.streams.discard(self)
+        if self.dropped:
             raise SendTimeoutError  # RequestLog logs it in a line; uvicorn closes the socket
 
 
-def event_stream(
-    frames: AsyncIterator[bytes], registry: ReplyRegistry, settings: Settings
-) -> EventStream:
+def event_stream(frames: AsyncIterator[bytes], registry: ReplyRegistry) -> EventStream:
     """An SSE response: pings every 15 s, no caching, no proxy buffering, a client that stops
-    reading is dropped after STREAM_SEND_TIMEOUT; on shutdown the registry ends replies, so
-    streams get their `message.done` within the grace period."""
+    reading is dropped after STREAM_SEND_TIMEOUT (by the app's SendWatch); on shutdown the
+    registry ends replies, so streams get their `message.done` within the grace period."""
     return EventStream(
         frames,
         ping=15,
         sep="\n",
         headers={"Cache-Control": "no-cache"},
-        send_timeout=settings.stream_send_timeout,
         shutdown_event=registry.shutdown_requested,
         shutdown_grace_period=4,
     )
@@ -606,7 +620,7 @@ async def create_message(
         )
     frames = await reply_frames(registry, db, chat.id, reply_message.id, 0)
     assert frames is not None  # from the start there is always something to send
-    response = event_stream(with_user_message(user, frames), registry, settings)
+    response = event_stream(with_user_message(user, frames), registry)
     response.headers["Location"] = location
     return response
 
@@ -656,7 +670,6 @@ async def stream_reply(
     message_id: str,
     db: DatabaseDep,
     registry: RegistryDep,
-    settings: SettingsDep,
     after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -669,7 +682,7 @@ async def stream_reply(
     frames = await reply_frames(registry, db, chat_id, message_id, start or 0)
     if frames is None:
         return Response(status_code=204)
-    return event_stream(frames, registry, settings)
+    return event_stream(frames, registry)
 
 
 @router.post(

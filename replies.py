@@ -151,7 +151,7 @@ class Reply:
         needs, without an object per event (a 200-event log was ~40 KB of objects for a few
         KB of bytes), and `size` becomes what the log really holds, so KEEP_FINISHED_BYTES
         bounds the memory it names."""
-        wire = [self.encoded(index) for index in range(self.events)]
+        wire = [e.encoded or self.encoded(i) for i, e in enumerate(self.entries)]
         self._wire = b"".join(wire)
         self._ends = array("I", accumulate(map(len, wire)))  # 4 bytes each
         self.entries = []
