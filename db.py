@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -275,6 +276,20 @@ def _message(row: sqlite3.Row | dict[str, Any]) -> Message:
     return Message.model_validate(fields)
 
 
+class _Held:
+    """A thread's connection, closed when the thread ends and its locals go: anyio retires
+    worker threads after 10 s idle and makes new ones when load comes back, and each thread
+    that ended used to leave its connection open (a file descriptor and a page cache each)."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __del__(self) -> None:
+        self.conn.close()
+
+
 class Database:
     """A SQLite file: one connection per thread, writes serialized with BEGIN IMMEDIATE."""
 
@@ -282,7 +297,7 @@ class Database:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: weakref.WeakSet[_Held] = weakref.WeakSet()  # for close()
         self._all_lock = threading.Lock()
         # Writers of this process queue here rather than in SQLite's busy handler, which
         # sleeps 1, 2, 5 ... 100 ms between retries: under 50 concurrent sends, those sleeps
@@ -292,8 +307,8 @@ class Database:
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (anyio reuses worker threads, so each keeps its own)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: autocommit; transactions are explicit BEGIN IMMEDIATE.
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -303,10 +318,10 @@ class Database:
             # NORMAL in WAL mode survives a process crash; only a power cut can lose the tail.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            self._local.conn = conn
+            held = self._local.held = _Held(conn)
             with self._all_lock:
-                self._all.append(conn)
-        return conn
+                self._all.add(held)
+        return held.conn
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -333,8 +348,8 @@ class Database:
     def close(self) -> None:
         """Close every thread's connection."""
         with self._all_lock:
-            for conn in self._all:
-                conn.close()
+            for held in list(self._all):
+                held.conn.close()
             self._all.clear()
         self._local = threading.local()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -442,3 +443,27 @@ def test_history_of_a_short_chat_is_all_of_it(db: Database) -> None:
     assert db.history("chat_a", "msg_a3", 0) == (everything[-1:], 4)
     assert db.history("chat_a", "msg_a1", 0) == (everything[:1], 0)
     assert db.history("chat_a", "msg_nope", 400_000) == ([], 0)
+
+
+def open_files(path: Path) -> int:
+    """How many of this process's file descriptors are open on `path`."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path.resolve()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_a_thread_that_ends_closes_its_connection(db: Database) -> None:
+    # anyio retires a worker thread after 10 s idle and makes new ones as load comes back:
+    # each thread that ended used to leave its connection open (a file descriptor and a page
+    # cache each, until the server stopped).
+    def use() -> None:
+        db.get_chat("chat_none")
+
+    for _ in range(30):
+        thread = threading.Thread(target=use)
+        thread.start()
+        thread.join()
+    assert open_files(db.path) <= 2  # the fixture's own thread, and a thread being retired
+    use()  # this thread's connection still works
+    db.close()
+    assert open_files(db.path) == 0
