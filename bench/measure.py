@@ -353,3 +353,25 @@ def concurrent(
         "service_cpu_share": cpu / elapsed,
         "cpu_us_per_chunk": cpu / max(len(lateness), 1) * 1e6,
     }
+
+
+def median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of one concurrency level as one: the median of each run's numbers, every
+    run's errors (the goal allows none), and each run's p99 and errors as they were."""
+    level = dict(runs[0])
+    for key in (
+        "lateness_ms_median",
+        "lateness_ms_p99",
+        "idle_rss_mb",
+        "peak_rss_mb",
+        "service_cpu_share",
+        "cpu_us_per_chunk",
+    ):
+        level[key] = median([run[key] for run in runs])
+    level["errors"] = sum(run["errors"] for run in runs)
+    level["error_samples"] = [s for run in runs for s in run["error_samples"]][:3]
+    level["chunks_received"] = sum(run["chunks_received"] for run in runs)
+    level["runs"] = [
+        {"lateness_ms_p99": run["lateness_ms_p99"], "errors": run["errors"]} for run in runs
+    ]
+    return level
