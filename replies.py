@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import sys
 import time
 from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import accumulate
 from typing import Any
 
 import anyio
@@ -43,18 +43,6 @@ def model_frame(name: str, model: BaseModel, event_id: int | None = None) -> byt
     return frame(name, model.model_dump_json(), event_id)
 
 
-@dataclass(slots=True)
-class Entry:
-    """One event of a reply's log. A `message.delta` stays open, taking more text, until a
-    subscriber reads it; then it is sealed and encoded once. A fast model with slow readers
-    thus sends fewer, larger deltas, and every reader sees the same event ids."""
-
-    name: str
-    data: str | None = None
-    parts: list[str] | None = None
-    encoded: bytes | None = None
-
-
 @dataclass
 class Outcome:
     """How the writing of a reply ended."""
@@ -65,14 +53,22 @@ class Outcome:
 
 
 class Reply:
-    """A reply being written (or recently written): its state and its event log."""
+    """A reply being written (or recently written): its state and its event log.
+
+    The log is numbered events. A `message.delta` is a stretch of the reply's text: it stays
+    open, taking more text, until a subscriber reads it (a fast model with slow readers thus
+    sends fewer, larger deltas, and every reader sees the same event ids). The log keeps, per
+    event, only where its text ends (4 bytes); a delta's bytes are made when it is read, and
+    again from the text for a replay. Other events (a few per reply) keep their bytes. A log
+    of wire bytes per event held ~230 bytes an event, most of a slow stream's memory (bench,
+    round 5)."""
 
     def __init__(self, chat: Chat, message: Message) -> None:
         self.chat = chat
         self.message = message
         self.id = message.id
-        self.entries: list[Entry] = []
         self.text: list[str] = []
+        self.length = 0  # of the text, in characters
         self.tool_calls: list[dict[str, JsonValue]] = []
         self.usage: Usage | None = None
         self.stop: Outcome | None = None
@@ -83,10 +79,11 @@ class Reply:
         self.dirty = False
         self.started = time.monotonic()
         self.finished_at: float | None = None
-        self.size = 0
+        self.size = 0  # what a finished log holds, in bytes (see compact)
         self.events = 0  # the log's length (its newest id)
-        self._wire = b""  # a finished log, compacted: its events' bytes back to back...
-        self._ends: array[int] | None = None  # ...and where each ends
+        self._ends = array("I")  # per event: where its text ends (a delta's starts at the last)
+        self._other: dict[int, bytes] = {}  # the bytes of every event that is not a delta
+        self._open: list[str] | None = None  # the text of the last event, an open delta
         # Woken at every change. asyncio's Event, not anyio's: a new one per chunk, and
         # anyio's looks up the running backend each time (3 µs against 0.3 µs; bench, round 5).
         self._changed = asyncio.Event()
@@ -110,52 +107,49 @@ class Reply:
 
     def append(self, name: str, data: str) -> None:
         """Add an event to the log and wake the subscribers."""
-        self.entries.append(Entry(name, data=data))
+        self._open = None  # text from now on is a new delta
+        self._other[self.events] = frame(name, data, self.events + 1)
+        self._ends.append(self.length)
         self.events += 1
-        self.size += len(data)
         self._notify()
 
     def add_text(self, text: str) -> None:
         """Add a piece of the model's text: to the open delta if nobody has read it yet."""
         self.text.append(text)
+        self.length += len(text)
         self.dirty = True
-        self.size += len(text)
-        last = self.entries[-1] if self.entries else None
-        if last is not None and last.parts is not None and last.encoded is None:
-            last.parts.append(text)
+        if self._open is not None:
+            self._open.append(text)
+            self._ends[-1] = self.length
         else:
-            self.entries.append(Entry("message.delta", parts=[text]))
+            self._open = [text]
+            self._ends.append(self.length)
             self.events += 1
         self._notify()
 
     def encoded(self, index: int) -> bytes:
-        """The wire bytes of the event at `index` (id index + 1), sealing it."""
-        if self._ends is not None:
-            return self._wire[self._ends[index - 1] if index else 0 : self._ends[index]]
-        entry = self.entries[index]
-        if entry.encoded is None:
-            if entry.parts is not None:
-                delta = json.dumps("".join(entry.parts), ensure_ascii=False)
-                entry.encoded = (
-                    f"id: {index + 1}\nevent: message.delta\n{self._delta_prefix}{delta}}}\n\n"
-                ).encode()
-            else:
-                entry.encoded = frame(entry.name, entry.data or "null", index + 1)
-            # Sealed: only the wire bytes are kept (the log is held for replays, and the
-            # pieces, their list and the data were a second copy: ~30 KB a 200-chunk reply).
-            entry.parts = entry.data = None
-        return entry.encoded
+        """The wire bytes of the event at `index` (id index + 1); reading the open delta
+        seals it."""
+        other = self._other.get(index)
+        if other is not None:
+            return other
+        if index == self.events - 1 and self._open is not None:
+            delta, self._open = "".join(self._open), None
+        else:  # a delta read before, or one that later events closed
+            delta = self.content()[self._ends[index - 1] if index else 0 : self._ends[index]]
+        return (
+            f"id: {index + 1}\nevent: message.delta\n{self._delta_prefix}"
+            f"{json.dumps(delta, ensure_ascii=False)}}}\n\n"
+        ).encode()
 
     def compact(self) -> None:
-        """Keep a finished log as one bytes object and where each event ends: all a replay
-        needs, without an object per event (a 200-event log was ~40 KB of objects for a few
-        KB of bytes), and `size` becomes what the log really holds, so KEEP_FINISHED_BYTES
-        bounds the memory it names."""
-        wire = [e.encoded or self.encoded(i) for i, e in enumerate(self.entries)]
-        self._wire = b"".join(wire)
-        self._ends = array("I", accumulate(map(len, wire)))  # 4 bytes each
-        self.entries = []
-        self.size = len(self._wire) + self._ends.itemsize * len(self._ends)
+        """At the end: the text as one string, and `size` what the log holds (the text, the
+        other events' bytes, 4 bytes an event), so KEEP_FINISHED_BYTES bounds the memory it
+        names."""
+        self._open = None
+        text = self.content()
+        other = sum(map(len, self._other.values()))
+        self.size = sys.getsizeof(text) + other + self._ends.itemsize * len(self._ends)
 
     async def follow(self, after: int = 0) -> AsyncIterator[bytes]:
         """The events after id `after`, then live ones until `message.done`."""

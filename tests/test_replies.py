@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
+import tracemalloc
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,9 +171,36 @@ def test_a_compacted_log_replays_the_same_bytes_and_says_its_true_size() -> None
     assert after == before and len(before[0]) == 5
     assert [compacted.encoded(i) for i in range(5)] == before[0]
     assert compacted.last_event_id == live.last_event_id == 5
-    assert compacted.entries == []
-    # What KEEP_FINISHED_BYTES counts is now the bytes kept, plus 4 per event for their ends.
-    assert compacted.size == sum(map(len, before[0])) + 4 * 5
+    # What KEEP_FINISHED_BYTES counts is what the log holds: the text, the bytes of the
+    # events that are not deltas (created, chat.updated, done), and 4 bytes an event.
+    created, _, _, updated, done = before[0]
+    assert compacted.content() == 'Hello, wörld "quoted"\n'
+    text = sys.getsizeof(compacted.content())
+    assert compacted.size == text + len(created) + len(updated) + len(done) + 4 * 5
+
+
+def test_a_long_reply_holds_its_text_not_a_frame_per_event() -> None:
+    # 200 deltas read as they came, as a reader keeping up with a slow model reads them: the
+    # log used to keep each one's wire bytes (~230 bytes an event with its object).
+    def written() -> Reply:
+        reply = Reply(chat(), reply_message())
+        reply.append("message.created", reply_message().model_dump_json())
+        for _ in range(200):
+            reply.add_text("word ")
+            reply.encoded(reply.last_event_id - 1)
+        reply.content()  # the checkpoints join the text every half second
+        return reply
+
+    written()  # warm caches (the encoder's, the event loop policy's)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        replies = [written() for _ in range(20)]
+        held = (tracemalloc.get_traced_memory()[0] - start) / len(replies)
+    finally:
+        tracemalloc.stop()
+    assert replies[0].content() == "word " * 200
+    assert held < 8_000, held
 
 
 def start_in(db: Database, chat_id: str, n: str = "") -> tuple[Chat, Started]:
