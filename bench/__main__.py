@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -301,9 +302,10 @@ ROWS: list[Row] = [
 ]
 
 
-def table(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """The table as text, and as rows for the JSON."""
-    labels = list(results)
+def table(runs: list[dict[str, dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
+    """The table as text, and as rows for the JSON: of one run's results, or of several
+    runs' (`--combine`), each cell then the median of the runs' values."""
+    labels = list(runs[0])
     header = f"{'measurement':42} {'goal':>10} " + " ".join(f"{lb:>14}" for lb in labels)
     lines = [header, "-" * len(header)]
     rows: list[dict[str, Any]] = []
@@ -311,18 +313,35 @@ def table(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
         cells: list[str] = []
         row: dict[str, Any] = {"measurement": name.strip(), "goal": goal or None}
         for label in labels:
-            try:
-                value = float(get(results[label]))
-            except KeyError:
+            values: list[float] = []
+            for results in runs:
+                with contextlib.suppress(KeyError):
+                    values.append(float(get(results[label])))
+            if not values:
                 cells.append(f"{'-':>14}")
                 continue
+            value = statistics.median(values)
             mark = (" ok" if met(value) else " NO") if goal else "   "
             text = f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
             cells.append(f"{text + unit + mark:>14}")
             row[label] = {"value": value, "unit": unit, "met": met(value) if goal else None}
+            if len(runs) > 1:
+                row[label]["runs"] = values
         lines.append(f"{name:42} {goal:>10} " + " ".join(cells))
         rows.append(row)
     return "\n".join(lines), rows
+
+
+def combine(paths: list[Path], output: Path) -> int:
+    """Several runs' JSON reports (the same variants) as one table of medians."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    text, rows = table([report["results"] for report in reports])
+    print(f"medians of {len(reports)} runs: " + ", ".join(r["machine"]["date"] for r in reports))
+    print(text)
+    combined = {"runs": [str(path) for path in paths], "table": rows}
+    output.write_text(json.dumps(combined, indent=2) + "\n")
+    print(f"\nwritten to {output}")
+    return 0
 
 
 def machine() -> dict[str, Any]:
@@ -375,6 +394,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--profile", choices=["svg", "txt"], help="py-spy the service in each group"
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: the medians of these runs' reports, written to --output",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.chunks, args.ttft_sends = 2, 500, 10
@@ -389,13 +415,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     """Run, print, write."""
     args = parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.output)
     variants = [parse_variant(v) for v in args.variant or ["after=.:auto:auto"]]
     results: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
     for variant in variants:
         print(f"measuring {variant.label} ({variant.loop}/{variant.http})", file=sys.stderr)
         results[variant.label] = measure_variant(variant, args)
-    text, rows = table(results)
+    text, rows = table([results])
     info = machine()
     print(
         f"\n{info['nproc']} cores, {info['cpu']}, Python {info['python']}, {info['date']}, "
