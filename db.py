@@ -196,6 +196,11 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def content_digest(content: str) -> str:
+    """How an idempotency key remembers the content it was sent with."""
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
 def _dump(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
@@ -469,7 +474,7 @@ class Database:
         """Atomically store a user message and its `in_progress` reply, unless the chat is gone
         (None), busy, full, or the idempotency key was seen before; with `context_chars`, also
         read the reply's prompt context (one thread hop per send fewer than reading it later)."""
-        digest = hashlib.sha256(content.encode()).hexdigest()
+        digest = content_digest(content)
         with self.transaction() as tx:
             if tx.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
                 return None
@@ -521,7 +526,7 @@ class Database:
         self, chat_id: str, idempotency_key: str, content: str
     ) -> Replayed | KeyReused | None:
         """What a send with this Idempotency-Key stored before, if it did (a read only)."""
-        digest = hashlib.sha256(content.encode()).hexdigest()
+        digest = content_digest(content)
         return self._earlier_send(self.connection(), chat_id, idempotency_key, digest)
 
     def _earlier_send(
