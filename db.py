@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 from pydantic import JsonValue
 
 from schemas import Chat, Message
@@ -309,6 +310,11 @@ class Database:
         # (not the writes) were most of a send's latency. Other processes still meet
         # busy_timeout.
         self._write_lock = threading.Lock()
+        # One writer at a time anyway: async code runs the methods that write through this
+        # limiter (`run_sync(..., limiter=db.writer)`), so waiting writes wait in the event
+        # loop, not as ~40 worker threads blocked on the lock, each woken with a GIL hand-off
+        # (50 senders: +10-18 % sends/s, bench/README.md, round 6).
+        self.writer = anyio.CapacityLimiter(1)
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (anyio reuses worker threads, so each keeps its own)."""

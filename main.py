@@ -394,8 +394,10 @@ async def single(data: bytes) -> AsyncIterator[bytes]:
 
 
 async def with_user_message(user: Message, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """A POST's stream: the user message (no id: it is not part of the reply), then the reply."""
-    yield model_frame("message.created", user)
+    """A POST's stream: the user message (no id: it is not part of the reply), then the reply;
+    the user message and the reply's first events go out in one write."""
+    first = await anext(frames, b"")
+    yield model_frame("message.created", user) + first
     async for data in frames:
         yield data
 
@@ -458,7 +460,7 @@ async def create_chat(
     if model not in settings.models:
         raise invalid(["body", "model"], f"Model not allowed; choose one of {settings.models}.")
     chat = await anyio.to_thread.run_sync(
-        db.create_chat, new_id("chat"), body.title, body.system_prompt, model
+        db.create_chat, new_id("chat"), body.title, body.system_prompt, model, limiter=db.writer
     )
     response.headers["Location"] = f"/chats/{chat.id}"
     return chat
@@ -486,7 +488,7 @@ async def update_chat(chat: ChatDep, body: ChatUpdate, db: DatabaseDep) -> Chat:
     changes = body.model_dump(exclude_unset=True)
     if not changes:
         return chat
-    updated = await anyio.to_thread.run_sync(db.update_chat, chat.id, changes)
+    updated = await anyio.to_thread.run_sync(db.update_chat, chat.id, changes, limiter=db.writer)
     if updated is None:
         raise HTTPException(404, "Chat not found.")
     return updated
@@ -496,7 +498,7 @@ async def update_chat(chat: ChatDep, body: ChatUpdate, db: DatabaseDep) -> Chat:
 async def delete_chat(chat: ChatDep, db: DatabaseDep, registry: RegistryDep) -> Response:
     """Delete a chat with all its messages; a reply in progress is cancelled first."""
     await registry.stop_chat(chat.id)
-    await anyio.to_thread.run_sync(db.delete_chat, chat.id)
+    await anyio.to_thread.run_sync(db.delete_chat, chat.id, limiter=db.writer)
     return Response(status_code=204)
 
 
@@ -576,7 +578,8 @@ async def create_message(
                     idempotency_key=idempotency_key,
                     max_messages=settings.max_messages_per_chat,
                     context_chars=registry.history_chars,
-                )
+                ),
+                limiter=db.writer,
             )
         finally:
             registry.starting -= 1  # no await from here to registry.start(): still atomic

@@ -112,6 +112,11 @@ def test_unread_deltas_merge_and_read_ones_are_sealed() -> None:
     assert reply.content() == "abc"
 
 
+def ids(piece: bytes) -> list[bytes]:
+    """The `id:` lines of a piece a follower took (it may hold several events)."""
+    return [line for line in piece.split(b"\n") if line.startswith(b"id: ")]
+
+
 def test_follow_replays_then_waits_for_live_events() -> None:
     async def main() -> list[bytes]:
         reply = Reply(chat(), reply_message())
@@ -133,8 +138,9 @@ def test_follow_replays_then_waits_for_live_events() -> None:
         return seen
 
     seen = anyio.run(main)
-    assert [s.split(b"\n")[0] for s in seen] == [b"id: 1", b"id: 2", b"id: 3", b"id: 4"]
-    assert b'"delta":"y"' in seen[2]
+    # What was there already comes as one piece (one write to the client); then each change.
+    assert [ids(piece) for piece in seen] == [[b"id: 1", b"id: 2"], [b"id: 3"], [b"id: 4"]]
+    assert b'"delta":"x"' in seen[0] and b'"delta":"y"' in seen[1]
 
 
 def test_follow_after_skips_what_the_client_saw() -> None:
@@ -168,12 +174,15 @@ def test_a_compacted_log_replays_the_same_bytes_and_says_its_true_size() -> None
     live, compacted = finished(), finished()
     compacted.compact()
     before, after = anyio.run(replays, live), anyio.run(replays, compacted)
-    assert after == before and len(before[0]) == 5
-    assert [compacted.encoded(i) for i in range(5)] == before[0]
+    assert after == before
+    events = [compacted.encoded(i) for i in range(5)]
+    assert [live.encoded(i) for i in range(5)] == events
+    # A finished log is all there: each replay is one piece (one write to the client).
+    assert before == [[b"".join(events[skip:])] for skip in range(5)] + [[]]
     assert compacted.last_event_id == live.last_event_id == 5
     # What KEEP_FINISHED_BYTES counts is what the log holds: the text, the bytes of the
     # events that are not deltas (created, chat.updated, done), and 4 bytes an event.
-    created, _, _, updated, done = before[0]
+    created, _, _, updated, done = events
     assert compacted.content() == 'Hello, wörld "quoted"\n'
     text = sys.getsizeof(compacted.content())
     assert compacted.size == text + len(created) + len(updated) + len(done) + 4 * 5
@@ -254,8 +263,9 @@ def test_a_reply_is_streamed_and_stored(tmp_path: Path, fake: FakeOpenAI) -> Non
     final, seen, db = anyio.run(_run_one, tmp_path, fake, text("One two three", pieces=3))
     assert final.status == "completed" and final.content == "One two three"
     assert db.get_message("chat_unit", "msg_a") == final
-    assert seen[0].startswith(b"id: 1\nevent: message.created\n")
-    assert seen[-1].startswith(f"id: {len(seen)}\nevent: message.done\n".encode())
+    events = b"".join(seen).split(b"\n\n")[:-1]
+    assert events[0].startswith(b"id: 1\nevent: message.created\n")
+    assert events[-1].startswith(f"id: {len(events)}\nevent: message.done\n".encode())
     db.close()
 
 
