@@ -105,11 +105,19 @@ def steady_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+# Worker threads at once (anyio's default is 40). Nearly all of them run queries, each on its
+# own SQLite connection with a page cache of up to 2 MB, and the GIL runs one at a time anyway:
+# at 600 streams, 40 threads held ~10 KB a stream more than 8 (bench/README.md, round 6).
+# Writes have a limiter of their own (Database.writer), so reads never wait behind them.
+WORKER_THREADS = 8
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the database (migrating it, recovering replies a crash interrupted), make the
     model client and the reply registry; on the way out, end replies in progress cleanly."""
     settings: Settings = app.state.settings
+    anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
     db = Database(settings.database_path)
     await anyio.to_thread.run_sync(db.migrate)
     recovered = await anyio.to_thread.run_sync(db.recover_interrupted)
