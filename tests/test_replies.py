@@ -15,7 +15,7 @@ import pytest
 
 import llm
 from db import Database, PromptContext, Started
-from replies import Reply, ReplyConfig, ReplyRegistry, frame, model_frame
+from replies import EVENTS_PER_WRITE, Reply, ReplyConfig, ReplyRegistry, frame, model_frame
 from schemas import Chat, Message
 from tests.fake_openai import FakeOpenAI, ToolCall, text
 from tests.fake_openai import Reply as FakeReply
@@ -141,6 +141,23 @@ def test_follow_replays_then_waits_for_live_events() -> None:
     # What was there already comes as one piece (one write to the client); then each change.
     assert [ids(piece) for piece in seen] == [[b"id: 1", b"id: 2"], [b"id: 3"], [b"id: 4"]]
     assert b'"delta":"x"' in seen[0] and b'"delta":"y"' in seen[1]
+
+
+def test_a_long_replay_goes_out_a_bounded_piece_at_a_time() -> None:
+    # Joined up to EVENTS_PER_WRITE, not all at once: a reconnecting client of a long reply
+    # would otherwise get the whole log as one bytes object, past any back-pressure.
+    async def main() -> list[bytes]:
+        reply = Reply(chat(), reply_message())
+        for _ in range(599):
+            reply.add_text("word ")
+            reply.encoded(reply.last_event_id - 1)  # read as it came: one event each
+        reply.final = reply_message("word " * 599, "completed")
+        reply.append("message.done", "{}")
+        return [data async for data in reply.follow(0)]
+
+    pieces = anyio.run(main)
+    assert [len(ids(piece)) for piece in pieces] == [EVENTS_PER_WRITE, EVENTS_PER_WRITE, 88]
+    assert ids(pieces[0])[0] == b"id: 1" and ids(pieces[-1])[-1] == b"id: 600"
 
 
 def test_follow_after_skips_what_the_client_saw() -> None:
