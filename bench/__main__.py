@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -320,7 +319,7 @@ def table(runs: list[dict[str, dict[str, Any]]]) -> tuple[str, list[dict[str, An
             if not values:
                 cells.append(f"{'-':>14}")
                 continue
-            value = statistics.median(values)
+            value = measure.median(values)
             mark = (" ok" if met(value) else " NO") if goal else "   "
             text = f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
             cells.append(f"{text + unit + mark:>14}")
