@@ -1,4 +1,4 @@
-"""The FastAPI app: lifespan, routes and SSE responses; it assembles the other modules."""
+"""The FastAPI app: lifespan and routes; it assembles the other modules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import re
 import secrets
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -24,10 +23,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from sse_starlette import EventSourceResponse
-from sse_starlette.sse import AppStatus, SendTimeoutError
+from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message as ASGIMessage
-from starlette.types import Receive, Scope, Send
 
 import llm
 from db import (
@@ -57,6 +54,7 @@ from schemas import (
     SendResult,
 )
 from settings import Settings, get_settings
+from streams import EventStream, StreamWatch
 
 STATIC = Path(__file__).parent / "static"
 PAGE_HEADERS = {
@@ -151,11 +149,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with anyio.create_task_group() as task_group:
         registry = ReplyRegistry(db, config, task_group)
         task_group.start_soon(registry.watch_for_shutdown)
-        send_watch = SendWatch(settings.stream_send_timeout)
-        task_group.start_soon(send_watch.run)
+        stream_watch = StreamWatch(settings.stream_send_timeout, registry.shutdown_requested)
+        task_group.start_soon(stream_watch.drop_stalled)
+        task_group.start_soon(stream_watch.end_at_shutdown)
         app.state.db = db
         app.state.registry = registry
-        app.state.send_watch = send_watch
+        app.state.stream_watch = stream_watch
         logger.info(
             "ready: database={} model={} provider={}",
             settings.database_path,
@@ -290,81 +289,6 @@ MessageLimit = Annotated[int, Query(ge=1, le=10_000, description="Page size.")]
 def invalid(location: list[str | int], message: str, kind: str = "value_error") -> HTTPException:
     """A 422 shaped like FastAPI's own validation errors."""
     return HTTPException(422, [{"type": kind, "loc": location, "msg": message}])
-
-
-class SendWatch:
-    """Drops clients that stopped reading: one task watches every stream's sends, and drops a
-    stream whose send has waited `timeout` seconds (checked four times a timeout, so after
-    1 to 1.25 × `timeout`). sse-starlette's own timeout wraps each send in a cancel scope, ~6
-    µs a send, a twentieth of a relayed chunk: 500 slow streams met their goal only without it
-    (bench/README.md, round 5)."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.streams: set[EventStream] = set()
-
-    async def run(self) -> None:
-        """Check the open streams, forever (the lifespan's task group ends it)."""
-        while True:
-            await anyio.sleep(self.timeout / 4)
-            now = time.monotonic()
-            for stream in list(self.streams):
-                since = stream.sending_since
-                if since is not None and now - since >= self.timeout:
-                    stream.drop()
-
-
-class EventStream(EventSourceResponse):
-    """sse-starlette's response, its sends watched by the app's SendWatch."""
-
-    def __init__(self, frames: AsyncIterator[bytes], **options: Any) -> None:
-        super().__init__(frames, **options)
-        self.sends = 0  # in progress: the stream's and a ping's may overlap
-        self.sending_since: float | None = None  # since when some send has been waiting
-        self.cancel_scope = anyio.CancelScope()
-        self.dropped = False
-
-    async def _send_with_timeout(self, send: Send, message: ASGIMessage) -> None:
-        # Replaces sse-starlette's (3.7.0, pinned), which wraps each send in move_on_after.
-        self.sends += 1
-        if self.sending_since is None:
-            self.sending_since = time.monotonic()
-        try:
-            await send(message)
-        finally:
-            self.sends -= 1
-            if not self.sends:
-                self.sending_since = None
-
-    def drop(self) -> None:
-        """End the stream now: its client has taken nothing for too long."""
-        self.dropped = True
-        self.cancel_scope.cancel()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watch: SendWatch = scope["app"].state.send_watch
-        watch.streams.add(self)
-        try:
-            with self.cancel_scope:
-                await super().__call__(scope, receive, send)
-        finally:
-            watch.streams.discard(self)
-        if self.dropped:
-            raise SendTimeoutError  # RequestLog logs it in a line; uvicorn closes the socket
-
-
-def event_stream(frames: AsyncIterator[bytes], registry: ReplyRegistry) -> EventStream:
-    """An SSE response: pings every 15 s, no caching, no proxy buffering, a client that stops
-    reading is dropped after STREAM_SEND_TIMEOUT (by the app's SendWatch); on shutdown the
-    registry ends replies, so streams get their `message.done` within the grace period."""
-    return EventStream(
-        frames,
-        ping=15,
-        sep="\n",
-        headers={"Cache-Control": "no-cache"},
-        shutdown_event=registry.shutdown_requested,
-        shutdown_grace_period=4,
-    )
 
 
 async def reply_frames(
@@ -631,7 +555,7 @@ async def create_message(
         )
     frames = await reply_frames(registry, db, chat.id, reply_message.id, 0)
     assert frames is not None  # from the start there is always something to send
-    response = event_stream(with_user_message(user, frames), registry)
+    response = EventStream(with_user_message(user, frames))
     response.headers["Location"] = location
     return response
 
@@ -693,7 +617,7 @@ async def stream_reply(
     frames = await reply_frames(registry, db, chat_id, message_id, start or 0)
     if frames is None:
         return Response(status_code=204)
-    return event_stream(frames, registry)
+    return EventStream(frames)
 
 
 @router.post(
