@@ -3,6 +3,7 @@ the app-wide watch that drops clients who stopped reading and ends streams at sh
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -40,7 +41,7 @@ class StreamWatch:
         """Check the open streams, forever (the lifespan's task group ends it)."""
         while True:
             await anyio.sleep(self.send_timeout / 4)
-            now = anyio.current_time()
+            now = time.monotonic()
             for stream in list(self.streams):
                 since = stream.sending_since
                 if since is not None and now - since >= self.send_timeout:
@@ -58,24 +59,22 @@ class StreamWatch:
             while self.streams:
                 await anyio.sleep(0.1)
         for stream in list(self.streams):
-            stream.scope.cancel()
+            stream.cancel_scope.cancel()
 
 
 class EventStream(Response):
-    """A `text/event-stream` response sent from the request's own task, with one watcher
-    task beside it that hears the client go (the stream then ends) and sends a ping whenever
-    nothing was sent for `ping_interval` seconds. sse-starlette's EventSourceResponse runs a
-    task group of four (stream, pings, disconnect, shutdown) for each response, which cost
-    ~9 KB and ~0.2 ms a stream (bench/README.md, round 7); its shutdown signal is heard once
-    for the whole app, by StreamWatch. The headers are the same as sse-starlette's."""
+    """A `text/event-stream` response in two tasks: a child task sends the frames as they
+    come, and the request's own task watches, hearing the client go (the stream then ends)
+    and sending a ping whenever nothing was sent for `ping_interval` seconds. The frames go
+    from the child because a task that wakes resumes every frame of its stack: the request's
+    task waits ~15 frames of middleware and routing deep, and woken for every chunk it cost
+    ~10 µs a chunk more (bench/README.md, round 7). sse-starlette's EventSourceResponse runs
+    four tasks a response (stream, pings, disconnect, shutdown); its shutdown signal is heard
+    once for the whole app, by StreamWatch. The headers are sse-starlette's."""
 
     media_type = "text/event-stream"
 
-    def __init__(
-        self,
-        frames: AsyncIterator[bytes],
-        ping_interval: float = PING_INTERVAL,
-    ) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], ping_interval: float = PING_INTERVAL) -> None:
         self.frames = frames
         self.ping_interval = ping_interval
         self.status_code = 200
@@ -83,33 +82,28 @@ class EventStream(Response):
         self.init_headers(
             {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
         )
-        # Cancelled when the client goes, when it is dropped, or when shutdown's grace ends.
-        self.scope = anyio.CancelScope()
+        # Cancelled when the client is dropped, or when shutdown's grace ends.
+        self.cancel_scope = anyio.CancelScope()
         self.gone = False  # the client disconnected
         self.dropped = False  # the client took nothing for too long
         self.sends = 0  # in progress: the stream's and a ping's may overlap
         self.sending_since: float | None = None  # since when some send has been waiting
-        self.last_sent = 0.0  # when the last send ended
+        self.last_sent = 0.0  # when the last send ended (time.monotonic)
 
     def drop(self) -> None:
         """End the stream now: its client has taken nothing for too long."""
         self.dropped = True
-        self.scope.cancel()
+        self.cancel_scope.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch: StreamWatch = scope["app"].state.stream_watch
         watch.streams.add(self)
         try:
-            with self.scope:
+            with self.cancel_scope:
                 async with anyio.create_task_group() as group:
-                    group.start_soon(self._watch, receive, send)
-                    start = {"type": "http.response.start", "status": 200}
-                    await self._send(send, start | {"headers": self.raw_headers})
-                    async for data in self.frames:
-                        await self._send(
-                            send, {"type": "http.response.body", "body": data, "more_body": True}
-                        )
-                    group.cancel_scope.cancel()
+                    group.start_soon(self._stream, send, group.cancel_scope)
+                    await self._watch(receive, send)
+                    group.cancel_scope.cancel()  # the client went: the stream stops
             if not (self.gone or self.dropped):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -117,34 +111,41 @@ class EventStream(Response):
         if self.dropped:
             raise SendTimeoutError  # RequestLog logs it in a line; uvicorn closes the socket
 
+    async def _stream(self, send: Send, group: anyio.CancelScope) -> None:
+        """The response's head, then the frames as they come; then the watcher stops."""
+        start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+        await self._send(send, start)
+        async for data in self.frames:
+            await self._send(send, {"type": "http.response.body", "body": data, "more_body": True})
+        group.cancel()
+
     async def _send(self, send: Send, message: ASGIMessage) -> None:
         self.sends += 1
         if self.sending_since is None:
-            self.sending_since = anyio.current_time()
+            self.sending_since = time.monotonic()
         try:
             await send(message)
         finally:
             self.sends -= 1
-            self.last_sent = anyio.current_time()
+            self.last_sent = time.monotonic()
             if not self.sends:
                 self.sending_since = None
 
     async def _watch(self, receive: Receive, send: Send) -> None:
-        """Until the client goes (then end the stream): a ping when the stream has been quiet
-        for `ping_interval` seconds."""
-        self.last_sent = anyio.current_time()
+        """Until the client goes: a ping whenever the stream has been quiet for
+        `ping_interval` seconds."""
+        self.last_sent = time.monotonic()
         while True:
+            now = time.monotonic()
             due = self.last_sent + self.ping_interval
-            now = anyio.current_time()
             if due <= now:
                 if not self.sends:
                     ping = {"type": "http.response.body", "body": PING, "more_body": True}
                     await self._send(send, ping)
                     continue
                 due = now + self.ping_interval  # a send is waiting: the line is not idle
-            with anyio.CancelScope(deadline=due):
+            with anyio.move_on_after(due - now):
                 while (await receive())["type"] != "http.disconnect":
                     pass
                 self.gone = True
-                self.scope.cancel()
                 return
