@@ -219,6 +219,15 @@ def _message_tokens(message: ChatCompletionMessageParam) -> int:
     return estimate_tokens(json.dumps(message, ensure_ascii=False))
 
 
+def _message_tokens_at_most(message: ChatCompletionMessageParam) -> int:
+    """At least `_message_tokens(message)`, without serializing a text message: its JSON is
+    each field as `"key": "value", ` with a character escaped to six at worst (`\\u0000`)."""
+    if all(isinstance(value, str) for value in message.values()):
+        chars = 2 + sum(len(key) + 6 * len(str(value)) + 8 for key, value in message.items())
+        return math.ceil(chars / 4) + 4
+    return _message_tokens(message)
+
+
 def build_prompt(
     *,
     chat_prompt: str | None,
@@ -249,12 +258,15 @@ def build_prompt(
     budget -= estimate_tokens(system_message(chat_prompt, default_prompt, tools=bool(tools)))
     budget -= estimate_tokens(TRIMMED_NOTE)
     kept: list[list[ChatCompletionMessageParam]] = []
-    for index, turn in enumerate(reversed(turns)):
-        cost = sum(_message_tokens(m) for m in turn)
-        if index > 0 and cost > budget:
-            break
-        kept.append(turn)
-        budget -= cost
+    if sum(_message_tokens_at_most(m) for turn in turns for m in turn) <= budget:
+        kept = turns[::-1]  # all of it fits even at worst: no message needs its exact cost
+    else:
+        for index, turn in enumerate(reversed(turns)):
+            cost = sum(_message_tokens(m) for m in turn)
+            if index > 0 and cost > budget:
+                break
+            kept.append(turn)
+            budget -= cost
     trimmed = left_out + sum(stored[: len(turns) - len(kept)])
     system: ChatCompletionMessageParam = {
         "role": "system",

@@ -181,6 +181,45 @@ def test_build_prompt_always_keeps_the_new_message_even_if_huge() -> None:
     assert prompt[-1]["content"] == "z" * 50_000
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("plain words", id="ascii"),
+        pytest.param('"quoted" \\ back\\slashes / and \t tabs\n', id="escaped"),
+        pytest.param("\x00\x01\x1f\x7f" * 200, id="control characters"),
+        pytest.param("é漢字🙂" * 100 + "\u2028\u2029", id="non-ascii"),
+    ],
+)
+def test_the_quick_bound_of_a_messages_tokens_is_never_below_its_count(content: str) -> None:
+    # build_prompt keeps a whole history on the bound alone: it must never undercount.
+    call = {"id": "c1", "name": "search", "arguments": {"query": content}, "result": content}
+    messages = [
+        *llm.replay(message("user", content)),
+        *llm.replay(message("assistant", content)),
+        *llm.replay(message("assistant", content, tool_calls=[call])),
+    ]
+    for m in messages:
+        assert llm._message_tokens_at_most(m) >= llm._message_tokens(m)
+
+
+def test_build_prompt_keeps_a_history_that_fits_only_by_its_exact_count() -> None:
+    # The quick bound counts every character as six (its JSON escape at worst), so it says no;
+    # the exact count fits, and everything is kept, as when the bound says yes.
+    history = [message("user", "q" * 3000), message("assistant", "a" * 3000), message("user", "q2")]
+    exact = sum(llm._message_tokens(m) for h in history for m in llm.replay(h))
+    bound = sum(llm._message_tokens_at_most(m) for h in history for m in llm.replay(h))
+    assert bound > exact + 2000
+    prompt = llm.build_prompt(
+        chat_prompt=None,
+        default_prompt=None,
+        history=history,
+        max_context_tokens=exact + 1500,
+        reserve_tokens=0,
+    )
+    assert [m.get("content") for m in prompt[1:]] == ["q" * 3000, "a" * 3000, "q2"]
+
+
 def replayed(reply: Message) -> list[dict[str, Any]]:
     return [dict(m) for m in llm.replay(reply)]
 
