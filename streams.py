@@ -1,5 +1,6 @@
-"""SSE responses: each stream sent from its request's own task beside one watcher task, and
-the app-wide watch that drops clients who stopped reading and ends streams at shutdown."""
+"""SSE responses: a stream's frames sent by a child task while the request's own task watches
+its client, and the app-wide watch that drops clients who stopped reading and ends streams at
+shutdown."""
 
 from __future__ import annotations
 
