@@ -8,6 +8,7 @@ import math
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import aiohttp
@@ -258,7 +259,8 @@ def build_prompt(
     budget -= estimate_tokens(system_message(chat_prompt, default_prompt, tools=bool(tools)))
     budget -= estimate_tokens(TRIMMED_NOTE)
     kept: list[list[ChatCompletionMessageParam]] = []
-    if sum(_message_tokens_at_most(m) for turn in turns for m in turn) <= budget:
+    worst = accumulate(_message_tokens_at_most(m) for turn in turns for m in turn)
+    if all(total <= budget for total in worst):  # stops at the first message past the budget
         kept = turns[::-1]  # all of it fits even at worst: no message needs its exact cost
     else:
         for index, turn in enumerate(reversed(turns)):
