@@ -147,6 +147,7 @@ class Started:
     """The user message and the reply were stored; the reply must now be generated. With
     `context_chars`, the reply's prompt context was read in the same transaction."""
 
+    chat: Chat
     user_message: Message
     reply: Message
     context: PromptContext | None = None
@@ -472,17 +473,20 @@ class Database:
         user_message_id: str,
         reply_id: str,
         content: str,
-        model: str,
         idempotency_key: str | None,
         max_messages: int,
         context_chars: int | None = None,
     ) -> SendOutcome | None:
-        """Atomically store a user message and its `in_progress` reply, unless the chat is gone
-        (None), busy, full, or the idempotency key was seen before; with `context_chars`, also
-        read the reply's prompt context (one thread hop per send fewer than reading it later)."""
+        """Atomically store a user message and its `in_progress` reply (for the chat's model),
+        unless the chat is gone (None), busy, full, or the idempotency key was seen before;
+        with `context_chars`, also read the reply's prompt context. One thread hop per send:
+        the chat is read here too, not by the route before."""
         digest = content_digest(content)
         with self.transaction() as tx:
-            if tx.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
+            row = tx.execute(
+                f"SELECT {CHAT_COLUMNS} FROM chats WHERE id = ?", (chat_id,)
+            ).fetchone()
+            if row is None:
                 return None
             if idempotency_key is not None:
                 earlier = self._earlier_send(tx, chat_id, idempotency_key, digest)
@@ -509,7 +513,7 @@ class Database:
             tx.execute(
                 "INSERT INTO messages (id, chat_id, position, role, status, created_at, model)"
                 " VALUES (?, ?, ?, 'assistant', 'in_progress', ?, ?)",
-                (reply_id, chat_id, position + 2, stamp, model),
+                (reply_id, chat_id, position + 2, stamp, row["model"]),
             )
             if idempotency_key is not None:
                 tx.execute(
@@ -523,10 +527,11 @@ class Database:
             user = self._message_by_id(tx, user_message_id)
             reply = self._message_by_id(tx, reply_id)
             assert user is not None and reply is not None
+            chat = Chat.model_validate(dict(row) | {"updated_at": stamp})
             context = None
             if context_chars is not None:
-                context = self.prompt_context(chat_id, reply_id, context_chars)
-            return Started(user, reply, context)
+                context = PromptContext(chat, *self.history(chat_id, reply_id, context_chars))
+            return Started(chat, user, reply, context)
 
     def earlier_send(
         self, chat_id: str, idempotency_key: str, content: str

@@ -455,7 +455,7 @@ async def delete_chat(chat: ChatDep, db: DatabaseDep, registry: RegistryDep) -> 
     ),
 )
 async def create_message(
-    chat: ChatDep,
+    chat_id: str,
     body: MessageCreate,
     db: DatabaseDep,
     registry: RegistryDep,
@@ -483,10 +483,12 @@ async def create_message(
     if len(registry.active) + registry.starting >= settings.max_active_replies:
         # A retry of a send that was stored starts nothing: it gets what the first got
         # (API.md), full or not.
+        if await anyio.to_thread.run_sync(db.get_chat, chat_id) is None:
+            raise HTTPException(404, "Chat not found.")
         earlier = None
         if idempotency_key is not None:
             earlier = await anyio.to_thread.run_sync(
-                db.earlier_send, chat.id, idempotency_key, content
+                db.earlier_send, chat_id, idempotency_key, content
             )
         if earlier is None:
             raise HTTPException(
@@ -502,11 +504,10 @@ async def create_message(
         try:
             outcome = await anyio.to_thread.run_sync(
                 lambda: db.start_exchange(
-                    chat_id=chat.id,
+                    chat_id=chat_id,
                     user_message_id=new_id("msg"),
                     reply_id=new_id("msg"),
                     content=content,
-                    model=chat.model,
                     idempotency_key=idempotency_key,
                     max_messages=settings.max_messages_per_chat,
                     context_chars=registry.history_chars,
@@ -538,11 +539,11 @@ async def create_message(
             )
         case ChatFull(limit=limit):
             raise HTTPException(409, f"This chat is full ({limit} messages); start a new one.")
-        case Started(user_message=user, reply=reply_message, context=context):
+        case Started(chat=chat, user_message=user, reply=reply_message, context=context):
             registry.start(chat, reply_message, context)
         case Replayed(user_message=user, reply=reply_message):
             pass
-    location = f"/chats/{chat.id}/messages/{reply_message.id}/stream"
+    location = f"/chats/{chat_id}/messages/{reply_message.id}/stream"
     if wants_json(accept):
         live = registry.get(reply_message.id)
         current = live.final or live.message if live else reply_message
@@ -553,7 +554,7 @@ async def create_message(
             media_type="application/json",
             headers={"Location": location},
         )
-    frames = await reply_frames(registry, db, chat.id, reply_message.id, 0)
+    frames = await reply_frames(registry, db, chat_id, reply_message.id, 0)
     assert frames is not None  # from the start there is always something to send
     response = EventStream(with_user_message(user, frames))
     response.headers["Location"] = location

@@ -219,7 +219,6 @@ def fill_chat(db_path: Path, messages: int) -> tuple[str, str]:
             user_message_id=f"msg_{secrets.token_urlsafe(16)}",
             reply_id=f"msg_{secrets.token_urlsafe(16)}",
             content=question,
-            model=MODEL,
             idempotency_key=None,
             max_messages=messages + 10,
         )

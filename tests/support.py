@@ -209,7 +209,6 @@ def fill_chat(db: Database, chat_id: str, turns: int) -> None:
             user_message_id=f"msg_u{turn}",
             reply_id=f"msg_a{turn}",
             content=question(turn),
-            model="gpt-4o-mini",
             idempotency_key=None,
             max_messages=2 * turns + 10,
         )

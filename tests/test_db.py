@@ -50,7 +50,6 @@ def exchange(
         user_message_id=f"msg_u{n}",
         reply_id=f"msg_a{n}",
         content=content,
-        model="m",
         idempotency_key=key,
         max_messages=100,
         context_chars=context_chars,
@@ -89,6 +88,10 @@ def test_start_exchange_stores_both_messages_in_order(db: Database) -> None:
     assert isinstance(outcome, Started)
     assert outcome.user_message.role == "user" and outcome.user_message.status == "completed"
     assert outcome.reply.status == "in_progress" and outcome.reply.model == "m"
+    # The chat as the same transaction left it (the route reads it nowhere else).
+    assert outcome.chat.id == "chat_a" and outcome.chat.model == "m"
+    assert outcome.chat.updated_at == outcome.user_message.created_at
+    assert db.get_chat("chat_a") == outcome.chat
     assert isinstance(exchange(db, "chat_a", 2), Busy)
     finish(db, "msg_a1")
     assert isinstance(exchange(db, "chat_a", 2), Started)
@@ -141,7 +144,6 @@ def test_a_full_chat_refuses_more(db: Database) -> None:
         user_message_id="u",
         reply_id="a",
         content="q",
-        model="m",
         idempotency_key=None,
         max_messages=1,
     )
@@ -274,7 +276,6 @@ def test_messages_as_json_are_what_pydantic_writes(tmp_path: Path) -> None:
             user_message_id=f"msg_u{n}",
             reply_id=f"msg_r{n}",
             content="ünïcode \n question",
-            model="m",
             idempotency_key=None,
             max_messages=100,
         )
@@ -346,7 +347,6 @@ def long_chat(db: Database, turns: int = 1000) -> list[Message]:
         user_message_id="msg_new",
         reply_id="msg_reply",
         content="the new question",
-        model="m",
         idempotency_key=None,
         max_messages=2 * turns + 2,
     )

@@ -142,6 +142,8 @@ def test_a_retried_send_gets_its_reply_even_when_replies_are_at_the_limit(
         assert first.status_code == 202
         # Full: a new send elsewhere is refused...
         assert start_reply(client, other["id"], "go").status_code == 503
+        # An unknown chat is still a 404, full or not.
+        assert start_reply(client, "chat_missing", "go").status_code == 404
         # ...but the retry gets the same two messages, and stores nothing new.
         again = client.post(url, json={"content": "go"}, headers=keyed)
         assert again.status_code == 202, again.text

@@ -237,7 +237,6 @@ def start_in(db: Database, chat_id: str, n: str = "") -> tuple[Chat, Started]:
         user_message_id=f"msg_u{n}",
         reply_id=f"msg_a{n}",
         content="hello",
-        model="gpt-4o-mini",
         idempotency_key=None,
         max_messages=100,
     )
