@@ -133,6 +133,24 @@ def test_unknown_chat_is_404_everywhere(client: httpx2.Client) -> None:
     assert client.post(f"/chats/{missing}/messages/msg_x/cancel").status_code == 404
 
 
+@pytest.mark.parametrize(
+    "body",
+    [{"content": "   "}, {"content": "hi", "extra": 1}, {}],
+    ids=["blank", "unknown-field", "no-content"],
+)
+def test_a_send_checks_its_body_before_its_chat(
+    client: httpx2.Client, body: dict[str, object]
+) -> None:
+    """README: the chat is read in the transaction that stores the send, so a bad body sent
+    to an unknown chat is 422; a good one is 404 (above), JSON answer or stream."""
+    missing = "chat_AAAAAAAAAAAAAAAAAAAAAA"
+    assert client.post(f"/chats/{missing}/messages", json=body).status_code == 422
+    accept_json = {"Accept": "application/json"}
+    sent = client.post(f"/chats/{missing}/messages", json={"content": "hi"}, headers=accept_json)
+    assert sent.status_code == 404 and sent.json() == {"detail": "Chat not found."}
+    assert client.get("/chats").json()["data"] == []
+
+
 def test_update_chat_changes_and_clears_fields(client: httpx2.Client) -> None:
     chat = make_chat(client, system_prompt="Old")
     time.sleep(0.002)
