@@ -119,7 +119,7 @@ def measure_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any
                     )
                 )
         print(f"  [{variant.label}] throughput {out['throughput']}", file=sys.stderr)
-    if wanted("ttft") or wanted("sends") or wanted("messages"):
+    if wanted("ttft") or wanted("messages"):
         # The long chat also takes sends: room for them past its `--messages`.
         room = {"MAX_MESSAGES_PER_CHAT": str(args.messages + 1000)}
         with (
@@ -134,11 +134,6 @@ def measure_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any
                     )
                 )
                 print(f"  [{variant.label}] ttft {out['ttft']}", file=sys.stderr)
-            if wanted("sends"):
-                out["sends"] = run_async(
-                    lambda: measure.sends_per_second(service, args.send_clients, args.send_seconds)
-                )
-                print(f"  [{variant.label}] sends {out['sends']}", file=sys.stderr)
             if wanted("messages"):
                 start = time.monotonic()
                 chat_id, middle = measure.fill_chat(service.db_path, args.messages)
@@ -181,6 +176,36 @@ def measure_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any
         if len(points) >= 2:  # a slope needs two levels; one would read as 0 KB, "met"
             out["concurrent"]["rss_kb_per_stream"] = slope(points)
     return out
+
+
+def measure_sends(variants: list[Variant], args: argparse.Namespace) -> dict[str, Any]:
+    """The sends measurement, `--send-repeats` times for each variant, the variants taking
+    turns (and turns about who goes first), each run with a fake and a service of its own:
+    of all the rows, sends per second moves most with the machine's speed, which drifts over
+    the minutes a whole variant takes. Each variant's medians, and its rate over the first
+    variant's pair by pair."""
+    runs: dict[str, list[dict[str, Any]]] = {v.label: [] for v in variants}
+    for repeat in range(args.send_repeats):
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:
+            kw = {"source": variant.source, "loop": variant.loop, "http": variant.http}
+            target = None  # py-spy (--profile) records each variant's first run
+            if args.profile and repeat == 0:
+                target = RESULTS / f"profile-{variant.label}-sends.{args.profile}"
+            with (
+                Fake(5) as fake,
+                Service(fake.base_url, **kw) as service,  # type: ignore[arg-type]
+                profiled(service.pid, target),
+            ):
+                run = run_async(
+                    lambda: measure.sends_per_second(service, args.send_clients, args.send_seconds)
+                )
+            runs[variant.label].append(run)
+            print(f"  [{variant.label}] sends {run}", file=sys.stderr)
+    baseline = runs[variants[0].label]
+    return {
+        label: measure.median_sends(own) | {"paired_ratio": measure.paired_ratio(own, baseline)}
+        for label, own in runs.items()
+    }
 
 
 # name, goal text, how to read the value from a variant's results, unit, met?
@@ -298,6 +323,13 @@ ROWS: list[Row] = [
         "ms",
         lambda v: True,
     ),
+    (
+        "  sends/s over the first variant's, paired",
+        "",
+        lambda r: r["sends"]["paired_ratio"],
+        "x",
+        lambda v: True,
+    ),
 ]
 
 
@@ -370,6 +402,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ttft-sends", type=int, default=200)
     parser.add_argument("--send-clients", type=int, default=50)
     parser.add_argument("--send-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--send-repeats", type=int, default=3, help="sends runs per variant, taking turns"
+    )
     parser.add_argument("--messages", type=int, default=10_000, help="size of the long chat")
     parser.add_argument(
         "--streams", default="100,250,500,1000", help="concurrent stream counts to try"
@@ -405,7 +440,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.runs, args.chunks, args.ttft_sends = 2, 500, 10
         args.send_clients, args.send_seconds, args.messages = 10, 1.0, 400
         args.streams, args.stream_seconds, args.ramp = "10,30", 1.0, 0.2
-        args.stream_repeats = 1
+        args.stream_repeats = args.send_repeats = 1
         args.budget = 10.0
     args.streams = [int(n) for n in str(args.streams).split(",") if n]
     return args
@@ -422,6 +457,10 @@ def main(argv: list[str]) -> int:
     for variant in variants:
         print(f"measuring {variant.label} ({variant.loop}/{variant.http})", file=sys.stderr)
         results[variant.label] = measure_variant(variant, args)
+    if not args.only or "sends" in args.only.split(","):
+        print("measuring sends, the variants taking turns", file=sys.stderr)
+        for label, sends in measure_sends(variants, args).items():
+            results[label]["sends"] = sends
     text, rows = table([results])
     info = machine()
     print(

@@ -374,3 +374,25 @@ def median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
         {"lateness_ms_p99": run["lateness_ms_p99"], "errors": run["errors"]} for run in runs
     ]
     return level
+
+
+def median_sends(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of the sends measurement as one: the median of each number, every run's
+    errors, and each run's rate and CPU per send as they were."""
+    merged = dict(runs[0])
+    for key in ("sends_per_s", "cpu_ms_per_send", "latency_ms_median", "latency_ms_p99"):
+        merged[key] = median([run[key] for run in runs])
+    merged["sends"] = sum(run["sends"] for run in runs)
+    merged["errors"] = sum(run["errors"] for run in runs)
+    merged["runs"] = [
+        {key: run[key] for key in ("sends_per_s", "cpu_ms_per_send", "errors")} for run in runs
+    ]
+    return merged
+
+
+def paired_ratio(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> float:
+    """The median, over pairs measured one right after the other, of this variant's sends/s
+    over the baseline's: the machine's speed drifts by minutes, a pair shares its minute."""
+    return median(
+        [run["sends_per_s"] / base["sends_per_s"] for run, base in zip(runs, baseline, strict=True)]
+    )
