@@ -9,7 +9,7 @@ import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import anyio
@@ -19,7 +19,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import JsonValue
 
-from schemas import Message, ToolCallRecord, Usage
+from schemas import ToolCallRecord, Usage
 
 DEFAULT_SYSTEM_PROMPT = """\
 You are a helpful, knowledgeable assistant inside a chat app. Be accurate, direct and warm. \
@@ -170,7 +170,18 @@ def system_message(
     return "\n\n".join(parts)
 
 
-def replay(message: Message) -> list[ChatCompletionMessageParam]:
+class StoredMessage(Protocol):
+    """What a prompt needs of a stored message: db.PastMessage, or a whole schemas.Message."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def tool_calls(self) -> Sequence[ToolCallRecord]: ...
+
+
+def replay(message: StoredMessage) -> list[ChatCompletionMessageParam]:
     """A stored message as the model saw it: text and tool rounds in the order written."""
     if message.role == "user":
         return [{"role": "user", "content": message.content}]
@@ -233,7 +244,7 @@ def build_prompt(
     *,
     chat_prompt: str | None,
     default_prompt: str | None,
-    history: Sequence[Message],
+    history: Sequence[StoredMessage],
     max_context_tokens: int,
     tools: Sequence[dict[str, Any]] = (),
     reserve_tokens: int = 1024,

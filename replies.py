@@ -23,7 +23,7 @@ from pydantic import BaseModel, JsonValue
 
 import llm
 import tools
-from db import Checkpoint, Database, PromptContext
+from db import Checkpoint, Database, PastMessage, PromptContext
 from schemas import Chat, Message, MessageError, ToolCallRecord, ToolCallRequest, Usage
 
 
@@ -469,7 +469,7 @@ class ReplyRegistry:
             reply.chat = chat
             reply.append("chat.updated", chat.model_dump_json())
 
-    async def _suggest_title(self, reply: Reply, history: list[Message]) -> None:
+    async def _suggest_title(self, reply: Reply, history: list[PastMessage]) -> None:
         """Name an untitled chat after its first reply; a failure here costs only the title."""
         assert self.config.client is not None
         question = next((m.content for m in reversed(history) if m.role == "user"), "")

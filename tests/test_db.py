@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from db import (
     Database,
     KeyReused,
     NotFoundError,
+    PastMessage,
     Replayed,
     SendOutcome,
     Started,
@@ -356,6 +357,11 @@ def long_chat(db: Database, turns: int = 1000) -> list[Message]:
     return everything[:-1]
 
 
+def past(messages: Sequence[Message]) -> list[PastMessage]:
+    """Whole messages as a prompt's history reads them."""
+    return [PastMessage(m.id, m.role, m.content, m.tool_calls) for m in messages]
+
+
 def stored_chars(db: Database) -> dict[str, int]:
     """Each message's content and stored tool-call JSON, in characters (what the budget counts)."""
     rows = db.connection().execute("SELECT id, length(content) + length(tool_calls) FROM messages")
@@ -370,7 +376,7 @@ def test_history_of_a_long_chat_is_its_newest_whole_turns_just_past_the_budget(
     history, left_out = db.history("chat_long", "msg_reply", 20_000)
     # The newest messages, as whole turns, and exactly as the unbounded read builds them.
     assert 2 < len(history) < len(before) // 4
-    assert history == before[len(before) - len(history) :]
+    assert history == past(before[len(before) - len(history) :])
     assert history[0].role == "user" and history[-1].id == "msg_new"
     assert left_out == len(before) - len(history)
     # Past the budget, but not by more than the oldest turn: the read stopped at once.
@@ -390,7 +396,7 @@ def test_the_bounded_history_makes_the_same_prompt_as_the_whole_chat(
     history, left_out = db.history("chat_long", "msg_reply", 4 * max_context_tokens)
     assert (left_out == 0) == (max_context_tokens == 200_000)
 
-    def prompt(messages: list[Message], left_out: int) -> list[Any]:
+    def prompt(messages: Sequence[llm.StoredMessage], left_out: int) -> list[Any]:
         return llm.build_prompt(
             chat_prompt=None,
             default_prompt=None,
@@ -405,10 +411,10 @@ def test_the_bounded_history_makes_the_same_prompt_as_the_whole_chat(
 
 def test_history_with_a_budget_below_one_turn_is_still_the_newest_turn(db: Database) -> None:
     before = long_chat(db)
-    assert db.history("chat_long", "msg_reply", 0) == (before[-1:], 2000)
+    assert db.history("chat_long", "msg_reply", 0) == (past(before[-1:]), 2000)
     # Before a user message, the newest turn is the previous question and its reply.
     last_turn, left_out = db.history("chat_long", "msg_new", 0)
-    assert last_turn == before[-3:-1] and left_out == 1998
+    assert last_turn == past(before[-3:-1]) and left_out == 1998
     assert [c.text_offset for c in last_turn[1].tool_calls] == [7]
 
 
@@ -432,12 +438,14 @@ def test_a_send_can_read_its_prompt_context_in_its_own_transaction(db: Database)
 def test_history_of_a_short_chat_is_all_of_it(db: Database) -> None:
     db.create_chat("chat_a", None, None, "m")
     exchange(db, "chat_a", 1)
-    assert db.history("chat_a", "msg_a1", 400_000) == (db.list_messages("chat_a", 1, None)[0], 0)
+    first = db.list_messages("chat_a", 1, None)[0]
+    assert db.history("chat_a", "msg_a1", 400_000) == (past(first), 0)
     finish(db, "msg_a1")
     exchange(db, "chat_a", 2)
     finish(db, "msg_a2")
     exchange(db, "chat_a", 3)
-    everything, _ = db.list_messages("chat_a", 5, None)
+    whole, _ = db.list_messages("chat_a", 5, None)
+    everything = past(whole)
     assert db.history("chat_a", "msg_a3", 400_000) == (everything, 0)
     # A budget below the whole chat stops at a turn; at the first one, nothing is left out.
     assert db.history("chat_a", "msg_a3", 0) == (everything[-1:], 4)

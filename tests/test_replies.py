@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import sys
 import tracemalloc
@@ -361,7 +362,7 @@ def test_a_reply_builds_its_prompt_from_the_context_it_was_started_with(
         config = ReplyConfig(client=client, generate_titles=False)
         handed = db.prompt_context("chat_ctx", "msg_a", 400_000)
         assert handed is not None
-        marked = handed.history[-1].model_copy(update={"content": "from the handed context"})
+        marked = dataclasses.replace(handed.history[-1], content="from the handed context")
         context = PromptContext(handed.chat, [marked], left_out=7)
         async with anyio.create_task_group() as group:
             registry = ReplyRegistry(db, config, group)
