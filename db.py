@@ -136,7 +136,7 @@ class NotFoundError(LookupError):
 class PastMessage:
     """A stored message as a prompt replays it: no timestamps, status or usage, and no
     pydantic validation of the whole message (a prompt reads up to its budget of them for
-    every send: validating each from JSON was ~7 % of the service's time under 50 senders)."""
+    every send: validating each from JSON was ~7 % of the GIL's time under 50 senders)."""
 
     id: str
     role: Role
@@ -273,6 +273,7 @@ def m003_stored_message_json(db: sqlite3.Connection) -> None:
 
 STORE_JSON = f"UPDATE messages SET json = {MESSAGE_JSON} WHERE id = ?"
 
+# A message's stored tool calls, read back for a prompt (with the `text_offset` the API hides).
 TOOL_CALLS = TypeAdapter(list[ToolCallRecord])
 
 
