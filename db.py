@@ -277,7 +277,7 @@ STORE_JSON = f"UPDATE messages SET json = {MESSAGE_JSON} WHERE id = ?"
 TOOL_CALLS = TypeAdapter(list[ToolCallRecord])
 
 
-def _chat(row: sqlite3.Row) -> Chat:
+def _chat(row: sqlite3.Row | dict[str, Any]) -> Chat:
     return Chat.model_validate(dict(row))
 
 
@@ -534,7 +534,7 @@ class Database:
             user = self._message_by_id(tx, user_message_id)
             reply = self._message_by_id(tx, reply_id)
             assert user is not None and reply is not None
-            chat = Chat.model_validate(dict(row) | {"updated_at": stamp})
+            chat = _chat(dict(row) | {"updated_at": stamp})
             context = None
             if context_chars is not None:
                 context = PromptContext(chat, *self.history(chat_id, reply_id, context_chars))
