@@ -132,7 +132,9 @@ class NotFoundError(LookupError):
     """A row named by the caller (a chat, or a pagination cursor) does not exist."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, at
+# three times the cost (0.56 against 0.18 µs), for every message of every prompt.
+@dataclass(slots=True)
 class PastMessage:
     """A stored message as a prompt replays it: no timestamps, status or usage, and no
     pydantic validation of the whole message (a prompt reads up to its budget of them for

@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import chain
 from typing import Any, Protocol
 
 import aiohttp
@@ -185,6 +185,8 @@ def replay(message: StoredMessage) -> list[ChatCompletionMessageParam]:
     """A stored message as the model saw it: text and tool rounds in the order written."""
     if message.role == "user":
         return [{"role": "user", "content": message.content}]
+    if not message.tool_calls:
+        return [{"role": "assistant", "content": message.content}]
     out: list[ChatCompletionMessageParam] = []
     text = message.content
     position = 0
@@ -234,10 +236,12 @@ def _message_tokens(message: ChatCompletionMessageParam) -> int:
 def _message_tokens_at_most(message: ChatCompletionMessageParam) -> int:
     """At least `_message_tokens(message)`, without serializing a text message: its JSON is
     each field as `"key": "value", ` with a character escaped to six at worst (`\\u0000`)."""
-    if all(isinstance(value, str) for value in message.values()):
-        chars = 2 + sum(len(key) + 6 * len(str(value)) + 8 for key, value in message.items())
-        return math.ceil(chars / 4) + 4
-    return _message_tokens(message)
+    chars = 2
+    for key, value in message.items():  # a loop, not generators: it runs for every message
+        if not isinstance(value, str):
+            return _message_tokens(message)
+        chars += len(key) + 6 * len(value) + 8
+    return -(-chars // 4) + 4
 
 
 def build_prompt(
@@ -270,8 +274,7 @@ def build_prompt(
     budget -= estimate_tokens(system_message(chat_prompt, default_prompt, tools=bool(tools)))
     budget -= estimate_tokens(TRIMMED_NOTE)
     kept: list[list[ChatCompletionMessageParam]] = []
-    worst = accumulate(_message_tokens_at_most(m) for turn in turns for m in turn)
-    if all(total <= budget for total in worst):  # stops at the first message past the budget
+    if sum(map(_message_tokens_at_most, chain.from_iterable(turns))) <= budget:
         kept = turns[::-1]  # all of it fits even at worst: no message needs its exact cost
     else:
         for index, turn in enumerate(reversed(turns)):
