@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import orjson
 from anyio.abc import TaskGroup
 from loguru import logger
 from openai import AsyncOpenAI
@@ -92,7 +93,7 @@ class Reply:
         # anyio's looks up the running backend each time (3 µs against 0.3 µs; bench, round 5).
         self._changed = asyncio.Event()
         # Deltas are encoded by hand: the message id is fixed, only the text varies.
-        self._delta_prefix = f'data: {{"message_id":{json.dumps(self.id)},"delta":'
+        self._delta_prefix = b'data: {"message_id":%b,"delta":' % orjson.dumps(self.id)
 
     @property
     def last_event_id(self) -> int:
@@ -141,10 +142,12 @@ class Reply:
             delta, self._open = "".join(self._open), None
         else:  # a delta read before, or one that later events closed
             delta = self.content()[self._ends[index - 1] if index else 0 : self._ends[index]]
-        return (
-            f"id: {index + 1}\nevent: message.delta\n{self._delta_prefix}"
-            f"{json.dumps(delta, ensure_ascii=False)}}}\n\n"
-        ).encode()
+        # orjson writes a string as json.dumps(ensure_ascii=False) does, at a tenth of the time.
+        return b"id: %d\nevent: message.delta\n%b%b}\n\n" % (
+            index + 1,
+            self._delta_prefix,
+            orjson.dumps(delta),
+        )
 
     def compact(self) -> None:
         """At the end: the text as one string, and `size` what the log holds (the text, the

@@ -118,8 +118,16 @@ def text(s: str, pieces: int = 3, delay: float = 0.0) -> Reply:
     return Reply(chunks=chunks, delay=delay)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _dumps(obj: object) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    if text.isascii():
+        return text
+    # A lone surrogate (half of a UTF-16 pair, as a server that splits an emoji would send) as
+    # its JSON escape: UTF-8 cannot hold it raw.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _message_text(content: object) -> str:
@@ -464,7 +472,7 @@ class FakeOpenAI:
             if method != "POST":
                 await self._send_error(send, 405, "", "Method not allowed.")
                 return
-            await self._chat_completions(receive, send)
+            await self._chat_completions(scope, receive, send)
         elif path == "/v1/models" and method == "GET":
             with self._cond:
                 models = list(self._models)
@@ -473,7 +481,13 @@ class FakeOpenAI:
         else:
             await self._send_error(send, 404, "", f"Invalid URL ({method} {path})")
 
-    async def _chat_completions(self, receive: Receive, send: Send) -> None:
+    async def _chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        if content_type.split(b";")[0].strip().lower() != b"application/json":
+            # Like a strict provider (or a proxy before it): the body is JSON only if it says so.
+            msg = "We could not parse the JSON body of your request: Content-Type is not JSON."
+            await self._send_error(send, 400, "", msg)
+            return
         raw = bytearray()
         while True:
             message = await receive()

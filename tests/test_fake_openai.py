@@ -395,11 +395,33 @@ async def test_models_lists_the_models_seen(fake: FakeOpenAI, sdk: openai.AsyncO
 
 
 def test_body_that_is_not_json_is_400(fake: FakeOpenAI) -> None:
-    response = httpx2.post(f"{fake.base_url}/chat/completions", content=b"{not json")
+    response = httpx2.post(
+        f"{fake.base_url}/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400
+    assert "parse the JSON body" in response.json()["error"]["message"]
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_body_not_labelled_json_is_400(fake: FakeOpenAI, content_type: str | None) -> None:
+    # So a client of ours that sends its own encoded body must still label it.
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx2.post(f"{fake.base_url}/chat/completions", content=body, headers=headers)
+    assert response.status_code == 400
+    assert "Content-Type is not JSON" in response.json()["error"]["message"]
+    assert fake.requests == []
+    labelled = httpx2.post(
+        f"{fake.base_url}/chat/completions",
+        content=body,
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert labelled.status_code == 200
 
 
 def test_wait_for_requests_times_out_without_requests(fake: FakeOpenAI) -> None:

@@ -187,3 +187,18 @@ def test_the_length_limit_in_the_middle_of_a_tool_call(
     assert done["tool_calls"][0]["error"] == results[0]["error"]
     assert stored(client, chat["id"])[-1] == done
     assert_chat_still_works(client, fake, chat["id"])
+
+
+def test_half_an_emoji_from_the_model_fails_the_reply_and_keeps_the_text_before_it(
+    client: httpx2.Client, fake: FakeOpenAI
+) -> None:
+    # JSON can spell a lone UTF-16 surrogate ("\\ud83d"); it is not text, SQLite and UTF-8 cannot
+    # hold it, so the reply ends there with a provider error rather than a broken stream.
+    fake.push(Reply(chunks=["Half an emoji: ", "\ud83d", " and the rest"]))
+    chat = make_chat(client)
+    _, events = send(client, chat["id"], "go")
+    done = the_done(events)
+    assert done["status"] == "failed" and done["error"]["code"] == "provider_error"
+    assert delta_text(events) == done["content"] == "Half an emoji: "
+    assert stored(client, chat["id"])[-1] == done
+    assert_chat_still_works(client, fake, chat["id"])
