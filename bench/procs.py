@@ -110,14 +110,16 @@ class Service:
         return self.process.pid
 
     def env(self) -> dict[str, str]:
-        """The service's environment: the fake, no retries, no tools or titles, quiet logs."""
+        """The service's environment: the fake, no retries, quiet logs, tools offered as by
+        default, titles off (a title is one more model call for each new chat, and the
+        streams' levels open a new chat for every stream)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "DATABASE_"))}
         return env | {
             "OPENAI_BASE_URL": self.fake_url,
             "OPENAI_API_KEY": "sk-bench-not-a-real-key-0123456789",
             "OPENAI_MAX_RETRIES": "0",
             "OPENAI_TIMEOUT": "60",
-            "TOOLS_ENABLED": "false",
+            "TOOLS_ENABLED": "true",  # as by default: the tools' schemas go with every request
             "GENERATE_TITLES": "false",
             "MAX_ACTIVE_REPLIES": "100000",
             "LOG_LEVEL": "WARNING",
