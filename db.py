@@ -667,7 +667,9 @@ class Database:
         # index, and only as far as a prompt can reach: build_prompt's estimate is chars/4 + 4
         # per message of its JSON, so past 4 x max_context_tokens characters (content and stored
         # tool calls, fewer than a turn's JSON in the prompt) no older turn could be kept.
-        rows = conn.execute(
+        rows = conn.cursor()
+        rows.row_factory = None  # plain tuples: a sqlite3.Row for each message costs ~10 %
+        rows.execute(
             "SELECT position, id, role, content, tool_calls FROM messages WHERE chat_id = ?"
             " AND position < (SELECT position FROM messages WHERE id = ?) ORDER BY position DESC",
             (chat_id, before_message_id),
