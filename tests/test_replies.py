@@ -17,7 +17,7 @@ import pytest
 import llm
 from db import Database, PromptContext, Started
 from replies import EVENTS_PER_WRITE, Reply, ReplyConfig, ReplyRegistry, frame, model_frame
-from schemas import Chat, Message
+from schemas import Chat, Message, MessageDelta
 from tests.fake_openai import FakeOpenAI, ToolCall, text
 from tests.fake_openai import Reply as FakeReply
 
@@ -98,6 +98,25 @@ def test_delta_wire_bytes_match_the_event_model() -> None:
     assert reply.encoded(1) == (
         b'id: 2\nevent: message.delta\ndata: {"message_id":"msg_r","delta":"say \\"hi\\"\\n"}\n\n'
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("".join(map(chr, range(128))), id="every-ascii-character"),
+        pytest.param("é ü ß 日本語 😀 \u2028\u2029 \ufeff \x80\x9f", id="beyond-ascii"),
+        pytest.param('\\"\\n "quoted" \\', id="escapes"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_delta_bytes_are_those_pydantic_writes_for_its_event(text: str) -> None:
+    # Deltas are framed by hand (orjson for the text): byte for byte the event model's JSON
+    # (the event name is on the `event:` line, not in the data).
+    reply = Reply(chat(), reply_message())
+    reply.append("message.created", reply_message().model_dump_json())
+    reply.add_text(text)
+    event = MessageDelta(message_id=reply.id, delta=text)
+    assert reply.encoded(1) == frame("message.delta", event.model_dump_json(exclude={"type"}), 2)
 
 
 def test_unread_deltas_merge_and_read_ones_are_sealed() -> None:
