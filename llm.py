@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Any, Protocol
 
 import aiohttp
@@ -275,7 +275,8 @@ def build_prompt(
     budget -= estimate_tokens(system_message(chat_prompt, default_prompt, tools=bool(tools)))
     budget -= estimate_tokens(TRIMMED_NOTE)
     kept: list[list[ChatCompletionMessageParam]] = []
-    if sum(map(_message_tokens_at_most, chain.from_iterable(turns))) <= budget:
+    worst = accumulate(map(_message_tokens_at_most, chain.from_iterable(turns)))
+    if all(total <= budget for total in worst):  # stops at the first message past the budget
         kept = turns[::-1]  # all of it fits even at worst: no message needs its exact cost
     else:
         for index, turn in enumerate(reversed(turns)):
